@@ -4,10 +4,13 @@
 #include "umbra/io.h"
 
 #include <gtest/gtest.h>
+#include <stdio.h>
 #include <stdlib.h>
+#include <unistd.h>
 
 #include <cstring>
 #include <filesystem>
+#include <optional>
 #include <set>
 #include <string>
 #include <thread>
@@ -315,6 +318,57 @@ TEST_F(PosixEnvTest, StatFsVolumeAndClock) {
   const uint64_t t0 = env().NowNanos();
   env().SleepNanos(2'000'000);
   EXPECT_GE(env().NowNanos() - t0, 2'000'000u);
+}
+
+// Runs a shell command, returning its stdout (trailing newline stripped), or
+// nullopt if it exited non-zero.
+std::optional<std::string> RunShell(const std::string& cmd) {
+  FILE* p = popen((cmd + " 2>/dev/null").c_str(), "r");
+  if (p == nullptr) return std::nullopt;
+  std::string out;
+  char buf[256];
+  while (fgets(buf, sizeof(buf), p) != nullptr) out += buf;
+  if (pclose(p) != 0) return std::nullopt;
+  while (!out.empty() && out.back() == '\n') out.pop_back();
+  return out;
+}
+
+// Needs root and working loop devices (skipped otherwise): a directory on an
+// ext4 filesystem inside a loop-mounted image file is "on" that image file
+// and on the loop device, and nothing else is.
+TEST_F(PosixEnvTest, IsOnVolumeWithLoopDevice) {
+  if (geteuid() != 0 || !RunShell("command -v losetup && command -v mkfs.ext4")) {
+    GTEST_SKIP() << "needs root, losetup and mkfs.ext4";
+  }
+  const std::string img = dir_ + "/vol.img";
+  const std::string mnt = dir_ + "/mnt";
+  ASSERT_TRUE(env().CreateDir(mnt).ok());
+  ASSERT_TRUE(MustOpen(env(), img, OpenMode::kCreate)->Truncate(32 << 20).ok());
+  ASSERT_TRUE(RunShell("mkfs.ext4 -q -F " + img));
+  const auto loop = RunShell("losetup -f --show " + img);
+  if (!loop) GTEST_SKIP() << "no loop devices available";
+  const bool mounted = RunShell("mount " + *loop + " " + mnt).has_value();
+  if (mounted) {
+    ASSERT_TRUE(env().CreateDir(mnt + "/shadow").ok());
+    EXPECT_TRUE(env().IsOnVolume(mnt + "/shadow", img).value());
+    EXPECT_TRUE(env().IsOnVolume(mnt + "/shadow", *loop).value());
+    EXPECT_FALSE(env().IsOnVolume(dir_, img).value());
+    EXPECT_FALSE(env().IsOnVolume(dir_, *loop).value());
+    auto st = env().StatFs(mnt);
+    ASSERT_TRUE(st.ok());
+    EXPECT_GT(st->total_bytes, 16u << 20);
+    EXPECT_LE(st->total_bytes, 32u << 20);
+    EXPECT_TRUE(RunShell("umount " + mnt));
+  }
+  // The block device itself: size via BLKGETSIZE64, AllocatedBytes == Size.
+  {
+    auto dev = MustOpen(env(), *loop, OpenMode::kReadOnly);
+    ASSERT_NE(dev, nullptr);
+    EXPECT_EQ(dev->Size().value(), 32u << 20);
+    EXPECT_EQ(dev->AllocatedBytes().value(), 32u << 20);
+  }
+  EXPECT_TRUE(RunShell("losetup -d " + *loop));
+  if (!mounted) GTEST_SKIP() << "mount not permitted";
 }
 
 // ---------------------------------------------------------------- MemEnv --
