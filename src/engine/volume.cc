@@ -1,0 +1,1128 @@
+// The copy-on-write engine. Rules: docs/format/shadow-storage.md (§1 model,
+// §4 write ordering, §5 failure handling). Locking: volume_impl.h.
+#include <algorithm>
+#include <bit>
+#include <chrono>
+#include <cstdlib>
+#include <cstring>
+#include <ctime>
+
+#include "base/random.h"
+#include "base/units.h"
+#include "engine/volume_impl.h"
+
+namespace umbra {
+
+std::string_view InvalidCauseName(InvalidCause c) {
+  switch (c) {
+    case InvalidCause::kNone: return "none";
+    case InvalidCause::kStorageFull: return "shadow storage full";
+    case InvalidCause::kStorageIOError: return "shadow storage I/O error";
+    case InvalidCause::kCopyTooSlow: return "copy to shadow storage too slow";
+    case InvalidCause::kStorageRemoved: return "shadow storage removed";
+  }
+  return "unknown";
+}
+
+Result<MaxSize> MaxSize::Parse(std::string_view text) {
+  if (text == "unbounded" || text == "UNBOUNDED") return MaxSize::Unbounded();
+  if (!text.empty() && text.back() == '%') {
+    std::string num(text.substr(0, text.size() - 1));
+    char* end = nullptr;
+    unsigned long long p = std::strtoull(num.c_str(), &end, 10);
+    if (num.empty() || *end != '\0' || p < 1 || p > 100)
+      return Status::InvalidArgument("maximum size percent must be 1%..100%, got '" +
+                                     std::string(text) + "'");
+    return MaxSize::Percent(p);
+  }
+  auto b = ParseSize(text);
+  if (!b.ok()) return b.status();
+  if (*b == 0) return Status::InvalidArgument("maximum size must be greater than zero");
+  return MaxSize::Bytes(*b);
+}
+
+std::string MaxSize::ToString() const {
+  switch (kind) {
+    case Kind::kBytes: return FormatBytes(value);
+    case Kind::kPercent: return std::to_string(value) + "%";
+    case Kind::kUnbounded: return "unbounded";
+  }
+  return "?";
+}
+
+namespace engine {
+namespace {
+
+uint64_t UnixNowNs() {
+  timespec ts{};
+  clock_gettime(CLOCK_REALTIME, &ts);
+  return static_cast<uint64_t>(ts.tv_sec) * 1'000'000'000ull + static_cast<uint64_t>(ts.tv_nsec);
+}
+
+constexpr uint64_t kDirectAlign = 4096;
+constexpr uint64_t kRotateBytes = 64ull << 20;
+
+bool Aligned(uint64_t v) { return v % kDirectAlign == 0; }
+
+}  // namespace
+
+BufferPool::Buffer BufferPool::Get() {
+  {
+    std::lock_guard l(mu_);
+    if (!free_.empty()) {
+      Buffer b = std::move(free_.back());
+      free_.pop_back();
+      return b;
+    }
+  }
+  void* p = std::aligned_alloc(kDirectAlign, size_);
+  if (p == nullptr) std::abort();  // out of memory: nothing sane to do on the I/O path
+  return Buffer(static_cast<std::byte*>(p));
+}
+
+void BufferPool::Put(Buffer b) {
+  std::lock_guard l(mu_);
+  if (free_.size() < 256) free_.push_back(std::move(b));
+}
+
+VolumeImpl::VolumeImpl(Env* env, VolumeConfig cfg, Uuid uuid, uint64_t size,
+                       std::unique_ptr<File> origin, std::unique_ptr<File> data)
+    : env_(env),
+      cfg_(std::move(cfg)),
+      uuid_(uuid),
+      size_(size),
+      shift_(static_cast<uint32_t>(std::countr_zero(cfg_.chunk_size))),
+      origin_(std::move(origin)),
+      data_(std::move(data)),
+      pool_(cfg_.chunk_size),
+      state_((size + cfg_.chunk_size - 1) / cfg_.chunk_size, cfg_.chunk_size) {
+  copier_ = std::thread([this] { CopierMain(); });
+}
+
+VolumeImpl::~VolumeImpl() {
+  Close().IgnoreError();
+  {
+    std::lock_guard l(copier_mu_);
+    stop_ = true;
+  }
+  copier_cv_.notify_all();
+  if (copier_.joinable()) copier_.join();
+}
+
+Record VolumeImpl::ConfigRecord() const {
+  Record r;
+  r.type = RecordType::kConfig;
+  r.max_kind = static_cast<uint8_t>(cfg_.max_size.kind);
+  r.max_value = cfg_.max_size.value;
+  r.protection = static_cast<uint8_t>(cfg_.protection);
+  r.copy_timeout_ms = cfg_.copy_timeout_ms;
+  return r;
+}
+
+std::shared_ptr<Journal> VolumeImpl::journal() {
+  // meta_mu_ guards the pointer; callers that already hold it read journal_.
+  return journal_;
+}
+
+void VolumeImpl::UpdateCowActive() { cow_active_.store(state_.newest_valid() != 0); }
+
+uint64_t VolumeImpl::MaxSlots() {
+  switch (cfg_.max_size.kind) {
+    case MaxSize::Kind::kUnbounded: return UINT64_MAX;
+    case MaxSize::Kind::kBytes: return cfg_.max_size.value / cfg_.chunk_size;
+    case MaxSize::Kind::kPercent: {
+      auto st = env_->StatFs(cfg_.shadow_dir);
+      if (!st.ok()) return 0;
+      return st->total_bytes / 100 * cfg_.max_size.value / cfg_.chunk_size;
+    }
+  }
+  return 0;
+}
+
+// ---------------------------------------------------------------- set-up --
+
+Status VolumeImpl::InitNew() {
+  auto j = Journal::Create(env_, cfg_.shadow_dir, uuid_, 1, 1);
+  if (!j.ok()) return j.status();
+  journal_ = std::move(j).value();
+  journal_->set_before_write([this] { return data_->Sync(); });
+  std::vector<std::byte> body;
+  state_.Serialize(ConfigRecord(), body);
+  CheckpointHeader h;
+  h.volume_uuid = uuid_;
+  h.volume_size = size_;
+  h.chunk_size = cfg_.chunk_size;
+  h.journal_gen = 1;
+  h.next_lsn = 1;
+  UMBRA_RETURN_IF_ERROR(WriteCheckpoint(env_, cfg_.shadow_dir, h, body));
+  ready_ = true;
+  return Status::Ok();
+}
+
+Status VolumeImpl::Recover() {
+  auto validate = [&](const CheckpointHeader& h) -> Status {
+    if (h.volume_uuid != uuid_)
+      return Status::InvalidArgument("shadow storage in " + cfg_.shadow_dir +
+                                     " belongs to another volume (" + FormatUuid(h.volume_uuid) +
+                                     ", expected " + cfg_.uuid + ")");
+    if (h.volume_size != size_)
+      return Status::InvalidArgument(
+          "shadow storage in " + cfg_.shadow_dir + " was made for a volume of " +
+          std::to_string(h.volume_size) + " bytes, but " + cfg_.origin_path + " has " +
+          std::to_string(size_));
+    if (h.chunk_size != cfg_.chunk_size)
+      return Status::InvalidArgument("shadow storage in " + cfg_.shadow_dir + " uses chunk size " +
+                                     std::to_string(h.chunk_size) + ", configured " +
+                                     std::to_string(cfg_.chunk_size));
+    return Status::Ok();
+  };
+  auto apply = [&](const Record& r) -> Status {
+    if (r.type == RecordType::kConfig) {
+      cfg_.max_size = MaxSize{static_cast<MaxSize::Kind>(r.max_kind), r.max_value};
+      cfg_.protection = static_cast<ProtectionLevel>(r.protection);
+      cfg_.copy_timeout_ms = r.copy_timeout_ms;
+      return Status::Ok();
+    }
+    return state_.Apply(r);
+  };
+  auto res = ReadAndReplay(env_, cfg_.shadow_dir, validate, apply);
+  if (!res.ok()) return res.status();
+  std::vector<uint64_t> freed;
+  state_.FinishRecovery(freed);
+  UpdateCowActive();
+  // Only now, with everything validated, write: a fresh generation + checkpoint.
+  auto j = Journal::Create(env_, cfg_.shadow_dir, uuid_, res->last_gen + 1, res->next_lsn);
+  if (!j.ok()) return j.status();
+  journal_ = std::move(j).value();
+  journal_->set_before_write([this] { return data_->Sync(); });
+  std::vector<std::byte> body;
+  state_.Serialize(ConfigRecord(), body);
+  CheckpointHeader h;
+  h.volume_uuid = uuid_;
+  h.volume_size = size_;
+  h.chunk_size = cfg_.chunk_size;
+  h.journal_gen = journal_->generation();
+  h.next_lsn = res->next_lsn;
+  UMBRA_RETURN_IF_ERROR(WriteCheckpoint(env_, cfg_.shadow_dir, h, body));
+  for (uint64_t g = res->header.journal_gen; g <= res->last_gen; ++g)
+    env_->Remove(cfg_.shadow_dir + "/" + JournalName(g)).IgnoreError();
+  env_->Remove(cfg_.shadow_dir + "/" + kCheckpointTmpName).IgnoreError();
+  // Punch slots no live exception uses (copies lost in the crash).
+  for (uint64_t s : freed) data_->PunchHole(s * cfg_.chunk_size, cfg_.chunk_size).IgnoreError();
+  UMBRA_ASSIGN_OR_RETURN(uint64_t dsize, data_->Size());
+  uint64_t end = state_.slot_high_water() * cfg_.chunk_size;
+  if (dsize > end) UMBRA_RETURN_IF_ERROR(data_->Truncate(end));
+  if (!cow_active_) PunchFreeOrigin();
+  ready_ = true;
+  return Status::Ok();
+}
+
+namespace {
+
+Status CheckConfig(Env* env, VolumeConfig& cfg, uint64_t size) {
+  if (cfg.chunk_size < 4096 || cfg.chunk_size > (4u << 20) || !std::has_single_bit(cfg.chunk_size))
+    return Status::InvalidArgument("chunk size must be a power of two from 4 KiB to 4 MiB, got " +
+                                   std::to_string(cfg.chunk_size));
+  if (size < cfg.chunk_size)
+    return Status::InvalidArgument("volume " + cfg.origin_path + " (" + std::to_string(size) +
+                                   " bytes) is smaller than one chunk");
+  if (cfg.direct_io && size % kDirectAlign != 0)
+    return Status::InvalidArgument("direct I/O needs a volume size that is a multiple of 4096");
+  if (cfg.max_size.kind == MaxSize::Kind::kPercent &&
+      (cfg.max_size.value < 1 || cfg.max_size.value > 100))
+    return Status::InvalidArgument("maximum size percent must be 1..100");
+  UMBRA_ASSIGN_OR_RETURN(bool on_volume, env->IsOnVolume(cfg.shadow_dir, cfg.origin_path));
+  if (on_volume)
+    return Status::InvalidArgument("shadow storage location " + cfg.shadow_dir +
+                                   " is on the volume itself (" + cfg.origin_path +
+                                   "); choose a directory on another filesystem");
+  return Status::Ok();
+}
+
+Result<std::unique_ptr<VolumeImpl>> Construct(Env* env, VolumeConfig& cfg, bool create) {
+  if (cfg.origin_path.empty() || cfg.shadow_dir.empty())
+    return Status::InvalidArgument("volume needs an origin path and a shadow storage directory");
+  UMBRA_ASSIGN_OR_RETURN(auto origin, env->Open(cfg.origin_path, OpenMode::kReadWrite,
+                                                cfg.direct_io));
+  UMBRA_ASSIGN_OR_RETURN(uint64_t size, origin->Size());
+  if (create) UMBRA_RETURN_IF_ERROR(env->CreateDir(cfg.shadow_dir));
+  UMBRA_ASSIGN_OR_RETURN(bool dir_exists, env->Exists(cfg.shadow_dir));
+  if (!dir_exists)
+    return Status::NotFound("shadow storage directory " + cfg.shadow_dir + " does not exist");
+  UMBRA_RETURN_IF_ERROR(CheckConfig(env, cfg, size));
+  Uuid uuid{};
+  if (create && cfg.uuid.empty()) cfg.uuid = NewUuid();
+  if (!ParseUuid(cfg.uuid, uuid))
+    return Status::InvalidArgument("volume UUID '" + cfg.uuid + "' is not a UUID");
+  std::string ckpt = cfg.shadow_dir + "/" + kCheckpointName;
+  UMBRA_ASSIGN_OR_RETURN(bool has_ckpt, env->Exists(ckpt));
+  if (create && has_ckpt)
+    return Status::AlreadyExists("shadow storage already exists in " + cfg.shadow_dir);
+  if (!create && !has_ckpt)
+    return Status::NotFound("no shadow storage in " + cfg.shadow_dir);
+  std::unique_ptr<File> data;
+  if (create) {
+    UMBRA_ASSIGN_OR_RETURN(data, env->Open(cfg.shadow_dir + "/" + kDataName, OpenMode::kCreate));
+    UMBRA_RETURN_IF_ERROR(data->Truncate(0));
+  } else {
+    UMBRA_ASSIGN_OR_RETURN(data, env->Open(cfg.shadow_dir + "/" + kDataName, OpenMode::kReadWrite));
+  }
+  return std::make_unique<VolumeImpl>(env, cfg, uuid, size, std::move(origin), std::move(data));
+}
+
+}  // namespace
+
+// ------------------------------------------------------------ origin I/O --
+
+Status VolumeImpl::OriginRead(uint64_t off, std::span<std::byte> buf) {
+  if (!cfg_.direct_io || reinterpret_cast<uintptr_t>(buf.data()) % kDirectAlign == 0)
+    return origin_->ReadAt(off, buf);
+  for (size_t done = 0; done < buf.size(); done += pool_.size()) {
+    size_t n = std::min(buf.size() - done, pool_.size());
+    auto b = pool_.Get();
+    Status s = origin_->ReadAt(off + done, std::span(b.get(), n));
+    if (s.ok()) std::memcpy(buf.data() + done, b.get(), n);
+    pool_.Put(std::move(b));
+    UMBRA_RETURN_IF_ERROR(s);
+  }
+  return Status::Ok();
+}
+
+Status VolumeImpl::OriginWrite(uint64_t off, std::span<const std::byte> buf) {
+  if (!cfg_.direct_io || reinterpret_cast<uintptr_t>(buf.data()) % kDirectAlign == 0)
+    return origin_->WriteAt(off, buf);
+  for (size_t done = 0; done < buf.size(); done += pool_.size()) {
+    size_t n = std::min(buf.size() - done, pool_.size());
+    auto b = pool_.Get();
+    std::memcpy(b.get(), buf.data() + done, n);
+    Status s = origin_->WriteAt(off + done, std::span<const std::byte>(b.get(), n));
+    pool_.Put(std::move(b));
+    UMBRA_RETURN_IF_ERROR(s);
+  }
+  return Status::Ok();
+}
+
+// ------------------------------------------------------- live block ops --
+
+Status VolumeImpl::Read(uint64_t off, std::span<std::byte> buf) {
+  if (off > size_ || buf.size() > size_ - off)
+    return Status::InvalidArgument("read beyond the end of the volume");
+  if (cfg_.direct_io && (!Aligned(off) || !Aligned(buf.size())))
+    return Status::InvalidArgument("direct I/O needs 4096-aligned offsets and lengths");
+  std::shared_lock g(gate_);
+  // Free chunks read as zeros; runs of allocated chunks are read in one go.
+  size_t pos = 0;
+  while (pos < buf.size()) {
+    uint64_t c = ChunkOf(off + pos);
+    bool is_free = state_.free_map().Test(c);
+    size_t run = 0;
+    while (pos + run < buf.size()) {
+      uint64_t cc = ChunkOf(off + pos + run);
+      if (state_.free_map().Test(cc) != is_free) break;
+      uint64_t chunk_end = (cc + 1) << shift_;
+      run = std::min<uint64_t>(chunk_end - off, buf.size()) - pos;
+    }
+    auto part = buf.subspan(pos, run);
+    if (is_free) {
+      std::memset(part.data(), 0, part.size());
+    } else {
+      UMBRA_RETURN_IF_ERROR(OriginRead(off + pos, part));
+    }
+    pos += run;
+  }
+  return Status::Ok();
+}
+
+Status VolumeImpl::Write(uint64_t off, std::span<const std::byte> buf, bool fua) {
+  if (off > size_ || buf.size() > size_ - off)
+    return Status::InvalidArgument("write beyond the end of the volume");
+  if (cfg_.direct_io && (!Aligned(off) || !Aligned(buf.size())))
+    return Status::InvalidArgument("direct I/O needs 4096-aligned offsets and lengths");
+  if (buf.empty()) return Status::Ok();
+  std::shared_lock g(gate_);
+  if (closed_) return Status(Code::kIOError, "volume is closed", EIO);
+  uint64_t c0 = ChunkOf(off), c1 = ChunkOf(off + buf.size() - 1);
+  bool active = cow_active_.load();
+  bool fast = true;
+  for (uint64_t c = c0; c <= c1 && fast; ++c)
+    fast = !state_.free_map().Test(c) && (!active || state_.copied().Test(c));
+  if (fast) {
+    UMBRA_RETURN_IF_ERROR(OriginWrite(off, buf));
+    return fua ? origin_->Sync() : Status::Ok();
+  }
+
+  // Slow path: lock the stripes of every chunk touched, in order.
+  std::vector<size_t> idx;
+  for (uint64_t c = c0; c <= c1; ++c) idx.push_back(c % stripes_.size());
+  std::sort(idx.begin(), idx.end());
+  idx.erase(std::unique(idx.begin(), idx.end()), idx.end());
+  for (size_t i : idx) stripes_[i].lock();
+  struct Unlock {
+    VolumeImpl* v;
+    std::vector<size_t>& idx;
+    ~Unlock() {
+      for (auto it = idx.rbegin(); it != idx.rend(); ++it) v->stripes_[*it].unlock();
+    }
+  } unlock{this, idx};
+
+  UMBRA_RETURN_IF_ERROR(PreserveChunks(c0, c1));
+
+  // Free chunks: write whole chunks (zeros around the data) so a chunk never
+  // reads stale bytes once it stops being free (rule 6); then clear the bit.
+  std::vector<uint64_t> was_free;
+  for (uint64_t c = c0; c <= c1; ++c)
+    if (state_.free_map().Test(c)) was_free.push_back(c);
+  if (!was_free.empty()) {
+    std::unique_lock l(meta_mu_);
+    for (uint64_t c : was_free) {
+      Record r;
+      r.type = RecordType::kAlloc;
+      r.chunk = c;
+      r.count = 1;
+      journal_->Append(r);
+    }
+  }
+  size_t fi = 0;
+  uint64_t pos = off;
+  const uint64_t end = off + buf.size();
+  while (pos < end) {
+    uint64_t c = ChunkOf(pos);
+    uint64_t cstart = c << shift_;
+    uint64_t cend = std::min<uint64_t>(cstart + cfg_.chunk_size, size_);
+    uint64_t seg_end = std::min(end, cend);
+    if (fi < was_free.size() && was_free[fi] == c) {
+      ++fi;
+      if (pos != cstart || seg_end != cend) {
+        auto b = pool_.Get();
+        std::memset(b.get(), 0, cfg_.chunk_size);
+        std::memcpy(b.get() + (pos - cstart), buf.data() + (pos - off), seg_end - pos);
+        Status s = OriginWrite(cstart, std::span<const std::byte>(b.get(), cend - cstart));
+        pool_.Put(std::move(b));
+        UMBRA_RETURN_IF_ERROR(s);
+      } else {
+        UMBRA_RETURN_IF_ERROR(OriginWrite(pos, buf.subspan(pos - off, seg_end - pos)));
+      }
+      state_.free_map().Clear(c);
+      pos = seg_end;
+      continue;
+    }
+    // Write the longest run of non-free chunks in one call.
+    uint64_t run_end = seg_end;
+    while (run_end < end && !(fi < was_free.size() && was_free[fi] == ChunkOf(run_end)))
+      run_end = std::min<uint64_t>(end, (ChunkOf(run_end) + 1) << shift_);
+    UMBRA_RETURN_IF_ERROR(OriginWrite(pos, buf.subspan(pos - off, run_end - pos)));
+    pos = run_end;
+  }
+  if (fua) return Flush();
+  return Status::Ok();
+}
+
+Status VolumeImpl::PreserveChunks(uint64_t c0, uint64_t c1) {
+  if (!cow_active_.load()) return Status::Ok();
+  for (int attempt = 0;; ++attempt) {
+    std::vector<std::shared_ptr<CopyJob>> jobs;
+    uint64_t sync_lsn = 0;
+    std::shared_ptr<Journal> jnl;
+    {
+      std::unique_lock l(meta_mu_);
+      uint64_t needed = 0;
+      for (uint64_t c = c0; c <= c1; ++c)
+        if (state_.NeedsCopy(c) && !state_.free_at_newest().Test(c)) ++needed;
+      if (needed > 0) {
+        Status s = ReserveSlots(l, needed);
+        if (!s.ok()) return s;  // protection level "snapshot": fail the write
+      }
+      jnl = journal_;
+      for (uint64_t c = c0; c <= c1; ++c) {
+        if (!state_.NeedsCopy(c)) continue;
+        bool persistent = state_.NewExceptionIsPersistent(c);
+        if (state_.free_at_newest().Test(c)) {
+          // Free at the instant: the snapshot reads zeros; nothing to copy.
+          uint64_t key = state_.newest_valid();
+          state_.AddException(c, kZeroSlot);
+          zero_copies_.fetch_add(1);
+          if (persistent) {
+            Record r;
+            r.type = RecordType::kException;
+            r.chunk = c;
+            r.key = key;
+            r.slot = kZeroSlot;
+            sync_lsn = jnl->Append(r);
+          }
+          continue;
+        }
+        auto job = std::make_shared<CopyJob>();
+        job->chunk = c;
+        job->key = state_.newest_valid();
+        job->slot = state_.AllocSlot();
+        job->persistent = persistent;
+        jobs.push_back(std::move(job));
+      }
+    }
+    // Read the old contents (we hold the stripes: nobody else writes them).
+    Status rs;
+    for (auto& j : jobs) {
+      j->buf = pool_.Get();
+      uint64_t cstart = j->chunk << shift_;
+      uint64_t len = std::min<uint64_t>(cfg_.chunk_size, size_ - cstart);
+      if (len < cfg_.chunk_size) std::memset(j->buf.get() + len, 0, cfg_.chunk_size - len);
+      if (rs.ok()) rs = origin_->ReadAt(cstart, std::span(j->buf.get(), len));
+    }
+    if (!rs.ok()) {
+      std::unique_lock l(meta_mu_);
+      for (auto& j : jobs) state_.FreeSlot(j->slot);
+      return rs.Annotate("reading the origin to preserve it");
+    }
+    if (!jobs.empty()) {
+      Submit(jobs);
+      WaitJobs(jobs);  // on timeout the jobs are marked abandoned
+    }
+    std::unique_lock l(meta_mu_);
+    Status failure;
+    InvalidCause cause = InvalidCause::kNone;
+    bool retry = false;
+    const uint64_t bound_ns = uint64_t{cfg_.copy_timeout_ms} * 1'000'000;
+    for (auto& j : jobs) {
+      if (j->state.load() == 2) {  // abandoned: the copier frees the slot
+        cause = InvalidCause::kCopyTooSlow;
+        failure = Status::TimedOut("copy to shadow storage exceeded " +
+                                   std::to_string(cfg_.copy_timeout_ms) + " ms");
+        continue;
+      }
+      Status s = j->status;
+      if (s.ok() && j->duration_ns > bound_ns) {
+        s = Status::TimedOut("copy to shadow storage took " +
+                             std::to_string(j->duration_ns / 1'000'000) + " ms, bound " +
+                             std::to_string(cfg_.copy_timeout_ms) + " ms");
+        cause = InvalidCause::kCopyTooSlow;
+      }
+      if (s.ok()) {
+        if (state_.AddExceptionKeyed(j->chunk, j->key, j->slot)) {
+          copies_.fetch_add(1);
+        } else {
+          state_.FreeSlot(j->slot);
+        }
+        continue;
+      }
+      state_.FreeSlot(j->slot);
+      if (cause == InvalidCause::kNone) {
+        cause = s.code() == Code::kNoSpace ? InvalidCause::kStorageFull
+                                           : InvalidCause::kStorageIOError;
+      }
+      if (failure.ok()) failure = s;
+    }
+    for (auto& j : jobs)
+      if (j->state.load() == 1 && j->buf) pool_.Put(std::move(j->buf));
+    if (failure.ok()) {
+      l.unlock();
+      if (sync_lsn != 0) {
+        Status s = jnl->SyncTo(sync_lsn);
+        if (!s.ok()) {
+          l.lock();
+          if (cfg_.protection == ProtectionLevel::kSnapshot) return s;
+          InvalidateAllLocked(l, InvalidCause::kStorageIOError, s.message());
+        }
+      }
+      return Status::Ok();
+    }
+    if (cfg_.protection == ProtectionLevel::kSnapshot)
+      return failure.Annotate("origin write refused to protect snapshots");
+    if (cause == InvalidCause::kStorageFull && state_.valid_count() > 1 && attempt < 64) {
+      // Disk full: drop the oldest snapshot and try again (copies that
+      // succeeded are kept; the retry copies only what is still needed).
+      RemoveSnapshotLocked(l, state_.oldest_valid());
+      retry = true;
+    } else {
+      InvalidateAllLocked(l, cause, failure.message());
+    }
+    if (!retry) return Status::Ok();
+  }
+}
+
+Status VolumeImpl::ReserveSlots(std::unique_lock<std::mutex>& l, uint64_t n) {
+  for (;;) {
+    if (state_.newest_valid() == 0) return Status::Ok();
+    uint64_t max = MaxSlots();
+    if (max == UINT64_MAX || state_.slots_in_use() + n <= max) return Status::Ok();
+    if (cfg_.protection == ProtectionLevel::kSnapshot)
+      return Status::NoSpace("shadow storage of " + cfg_.origin_path + " is full (maximum " +
+                             cfg_.max_size.ToString() +
+                             "); origin write refused to protect snapshots");
+    if (state_.valid_count() > 1) {
+      RemoveSnapshotLocked(l, state_.oldest_valid());
+    } else {
+      InvalidateAllLocked(l, InvalidCause::kStorageFull,
+                          "shadow storage reached its maximum size (" +
+                              cfg_.max_size.ToString() + ")");
+    }
+  }
+}
+
+void VolumeImpl::RemoveSnapshotLocked(std::unique_lock<std::mutex>& l, uint64_t seq) {
+  auto it = state_.snaps().find(seq);
+  if (it == state_.snaps().end()) return;
+  auto reader = it->second.read_mu;
+  std::vector<uint64_t> freed;
+  state_.RemoveSnapshot(seq, freed);
+  Record r;
+  r.type = RecordType::kSnapDelete;
+  r.seq = seq;
+  journal_->Append(r);
+  UpdateCowActive();
+  ReleaseSlots(l, {reader}, std::move(freed));
+}
+
+void VolumeImpl::InvalidateAllLocked(std::unique_lock<std::mutex>& l, InvalidCause cause,
+                                     const std::string& msg) {
+  std::vector<std::shared_ptr<std::shared_mutex>> readers;
+  std::vector<uint64_t> freed;
+  std::vector<uint64_t> seqs;
+  for (auto& [seq, s] : state_.snaps())
+    if (s.info.valid) seqs.push_back(seq);
+  for (uint64_t seq : seqs) {
+    readers.push_back(state_.snaps().at(seq).read_mu);
+    state_.InvalidateSnapshot(seq, cause, msg, freed);
+    Record r;
+    r.type = RecordType::kSnapInvalidate;
+    r.seq = seq;
+    r.cause = static_cast<uint8_t>(cause);
+    r.name = msg;
+    journal_->Append(r);
+  }
+  UpdateCowActive();
+  ReleaseSlots(l, std::move(readers), std::move(freed));
+}
+
+void VolumeImpl::ReleaseSlots(std::unique_lock<std::mutex>& l,
+                              std::vector<std::shared_ptr<std::shared_mutex>> readers,
+                              std::vector<uint64_t> freed) {
+  auto jnl = journal_;
+  uint64_t lsn = jnl->next_lsn() - 1;
+  l.unlock();
+  for (auto& r : readers) {  // rule 8: wait for in-flight reads of these snapshots
+    r->lock();
+    r->unlock();
+  }
+  Status s = jnl->SyncTo(lsn);  // rule 4
+  if (s.ok()) {
+    std::sort(freed.begin(), freed.end());
+    for (size_t i = 0; i < freed.size();) {
+      size_t j = i + 1;
+      while (j < freed.size() && freed[j] == freed[j - 1] + 1) ++j;
+      data_->PunchHole(freed[i] * cfg_.chunk_size, (j - i) * uint64_t{cfg_.chunk_size})
+          .IgnoreError();  // space reclaim only
+      i = j;
+    }
+  }
+  bool cow_off = !cow_active_.load();
+  if (cow_off) PunchFreeOrigin();
+  l.lock();
+  // If the journal failed, the slots stay allocated: storage is broken anyway.
+  if (s.ok())
+    for (uint64_t slot : freed) state_.FreeSlot(slot);
+}
+
+void VolumeImpl::PunchFreeOrigin() {
+  // No snapshot needs old bytes any more: give free chunks' space back.
+  // (Chunks stay free; their reads are zeros either way.)
+  state_.free_map().ForEachRun([&](uint64_t first, uint64_t count) {
+    uint64_t off = first << shift_;
+    uint64_t len = std::min<uint64_t>(count << shift_, size_ - off);
+    origin_->PunchHole(off, len).IgnoreError();  // space reclaim only
+  });
+}
+
+Status VolumeImpl::Discard(uint64_t off, uint64_t len) {
+  if (off > size_ || len > size_ - off)
+    return Status::InvalidArgument("discard beyond the end of the volume");
+  if (len == 0) return Status::Ok();
+  // Partial chunks at either end are written as zeros (so they read zeros).
+  uint64_t first_full = (off + cfg_.chunk_size - 1) >> shift_;
+  uint64_t end_full = (off + len) == size_ ? ((size_ + cfg_.chunk_size - 1) >> shift_)
+                                           : ((off + len) >> shift_);
+  auto zero_range = [&](uint64_t zoff, uint64_t zlen) -> Status {
+    std::vector<std::byte> zeros(std::min<uint64_t>(zlen, cfg_.chunk_size));
+    for (uint64_t done = 0; done < zlen; done += zeros.size()) {
+      uint64_t n = std::min<uint64_t>(zeros.size(), zlen - done);
+      UMBRA_RETURN_IF_ERROR(Write(zoff + done, std::span(zeros.data(), n), false));
+    }
+    return Status::Ok();
+  };
+  if (first_full >= end_full) return zero_range(off, len);
+  uint64_t full_off = first_full << shift_;
+  uint64_t full_end = std::min<uint64_t>(end_full << shift_, size_);
+  if (off < full_off) UMBRA_RETURN_IF_ERROR(zero_range(off, full_off - off));
+  if (off + len > full_end) UMBRA_RETURN_IF_ERROR(zero_range(full_end, off + len - full_end));
+
+  std::shared_lock g(gate_);
+  for (uint64_t c = first_full; c < end_full; ++c) {
+    std::unique_lock stripe(Stripe(c));
+    bool punch = false;
+    {
+      std::unique_lock l(meta_mu_);
+      if (state_.free_map().Test(c)) continue;
+      // Protected: the newest snapshot still reads this chunk's bytes from
+      // the origin, so keep them; the chunk becomes free for the live volume.
+      punch = !(state_.NeedsCopy(c) && !state_.free_at_newest().Test(c));
+      state_.free_map().Set(c);
+      Record r;
+      r.type = RecordType::kFree;
+      r.chunk = c;
+      r.count = 1;
+      journal_->Append(r);
+    }
+    if (punch) {
+      uint64_t coff = c << shift_;
+      origin_->PunchHole(coff, std::min<uint64_t>(cfg_.chunk_size, size_ - coff)).IgnoreError();
+    }
+  }
+  return Status::Ok();
+}
+
+Status VolumeImpl::WriteZeroes(uint64_t off, uint64_t len) {
+  // Whole chunks become free (they read zeros); partial ones are written.
+  return Discard(off, len);
+}
+
+Status VolumeImpl::Flush() {
+  std::shared_lock g(gate_);
+  UMBRA_RETURN_IF_ERROR(origin_->Sync());
+  std::shared_ptr<Journal> jnl;
+  {
+    std::lock_guard l(meta_mu_);
+    jnl = journal_;
+  }
+  Status s = jnl->SyncAll();  // rule 5: FREE/ALLOC records
+  if (!s.ok() && cfg_.protection == ProtectionLevel::kSnapshot) return s;
+  if (!s.ok()) {
+    std::unique_lock l(meta_mu_);
+    if (state_.newest_valid() != 0) InvalidateAllLocked(l, InvalidCause::kStorageIOError, s.message());
+  }
+  g.unlock();
+  return MaybeRotate();
+}
+
+// ------------------------------------------------------------ copier --
+
+void VolumeImpl::Submit(std::vector<std::shared_ptr<CopyJob>>& jobs) {
+  {
+    std::lock_guard l(copier_mu_);
+    for (auto& j : jobs) queue_.push_back(j);
+  }
+  copier_cv_.notify_one();
+}
+
+bool VolumeImpl::WaitJobs(std::vector<std::shared_ptr<CopyJob>>& jobs) {
+  auto deadline = std::chrono::steady_clock::now() +
+                  std::chrono::milliseconds(cfg_.copy_timeout_ms) + std::chrono::milliseconds(50);
+  std::unique_lock l(copier_mu_);
+  auto all_done = [&] {
+    return std::all_of(jobs.begin(), jobs.end(), [](auto& j) { return j->state.load() != 0; });
+  };
+  if (done_cv_.wait_until(l, deadline, all_done)) return true;
+  for (auto& j : jobs) {
+    int expected = 0;
+    j->state.compare_exchange_strong(expected, 2);
+  }
+  return false;
+}
+
+void VolumeImpl::CopierMain() {
+  for (;;) {
+    std::vector<std::shared_ptr<CopyJob>> batch;
+    {
+      std::unique_lock l(copier_mu_);
+      copier_cv_.wait(l, [&] { return stop_ || !queue_.empty(); });
+      if (queue_.empty() && stop_) return;
+      batch.assign(queue_.begin(), queue_.end());
+      queue_.clear();
+    }
+    uint64_t t0 = env_->NowNanos();
+    uint64_t max_lsn = 0;
+    std::shared_ptr<Journal> jnl;
+    for (auto& j : batch) {
+      if (j->state.load() != 0) continue;
+      j->status = data_->WriteAt(j->slot * uint64_t{cfg_.chunk_size},
+                                 std::span<const std::byte>(j->buf.get(), cfg_.chunk_size));
+    }
+    {
+      std::lock_guard l(meta_mu_);
+      jnl = journal_;
+      for (auto& j : batch) {
+        if (!j->persistent || !j->status.ok() || j->state.load() != 0) continue;
+        Record r;
+        r.type = RecordType::kException;
+        r.chunk = j->chunk;
+        r.key = j->key;
+        r.slot = j->slot;
+        max_lsn = jnl->Append(r);  // rule 1: SyncTo syncs the data file first
+      }
+    }
+    if (max_lsn != 0) {
+      Status s = jnl->SyncTo(max_lsn);
+      if (!s.ok())
+        for (auto& j : batch)
+          if (j->persistent && j->status.ok()) j->status = s;
+    }
+    uint64_t dt = env_->NowNanos() - t0;
+    std::vector<std::shared_ptr<CopyJob>> orphans;
+    {
+      std::lock_guard l(copier_mu_);
+      for (auto& j : batch) {
+        j->duration_ns = dt;
+        int expected = 0;
+        if (!j->state.compare_exchange_strong(expected, 1)) orphans.push_back(j);
+      }
+    }
+    done_cv_.notify_all();
+    if (!orphans.empty()) {
+      // The writer gave up waiting and invalidated the snapshots; the slot
+      // is ours to free (after the invalidation record, which came first).
+      std::lock_guard l(meta_mu_);
+      for (auto& j : orphans) state_.FreeSlot(j->slot);
+    }
+  }
+}
+
+// ----------------------------------------------------------- snapshots --
+
+Status VolumeImpl::PrepareInstant(bool persistent) {
+  if (closed_) return Status(Code::kIOError, "volume is closed", EIO);
+  // Rule 3: a persistent snapshot must hold every completed write, flushed
+  // or not. Syncing before the gate keeps the gate's hold short.
+  if (persistent) UMBRA_RETURN_IF_ERROR(origin_->Sync().Annotate("syncing the origin"));
+  Status js;
+  {
+    std::lock_guard l(meta_mu_);
+    js = journal_->error();
+  }
+  if (!js.ok()) {
+    // The last journal failed; a fresh generation may work again.
+    UMBRA_RETURN_IF_ERROR(
+        RotateLocked().Annotate("shadow storage failed earlier and is still failing"));
+  }
+  return Status::Ok();
+}
+
+Result<SnapshotInfo> VolumeImpl::AddSnapshotLocked(const SnapshotOptions& opts,
+                                                   const Uuid& set_uuid, uint32_t set_size,
+                                                   uint64_t* lsn) {
+  if (opts.persistent) UMBRA_RETURN_IF_ERROR(origin_->Sync().Annotate("syncing the origin"));
+  std::lock_guard l(meta_mu_);
+  Snap s;
+  s.info.seq = state_.next_seq();
+  s.info.id = NewUuid();
+  ParseUuid(s.info.id, s.uuid);
+  s.info.volume_uuid = cfg_.uuid;
+  s.info.name = opts.name;
+  s.info.persistent = opts.persistent;
+  s.info.created_unix_ns = UnixNowNs();
+  s.set_uuid = set_uuid;
+  s.info.set_id = FormatUuid(set_uuid);
+  s.info.set_size = set_size;
+  SnapshotInfo info = s.info;
+  Record r;
+  r.type = RecordType::kSnapCreate;
+  r.seq = s.info.seq;
+  r.snap_uuid = s.uuid;
+  r.flags = opts.persistent ? 1 : 0;
+  r.created_unix_ns = s.info.created_unix_ns;
+  r.set_uuid = set_uuid;
+  r.set_size = set_size;
+  r.name = opts.name;
+  state_.AddSnapshot(std::move(s));
+  *lsn = journal_->Append(r);
+  UpdateCowActive();
+  return info;
+}
+
+Status VolumeImpl::SyncJournal(uint64_t lsn) {
+  std::shared_ptr<Journal> jnl;
+  {
+    std::lock_guard l(meta_mu_);
+    jnl = journal_;
+  }
+  return jnl->SyncTo(lsn);
+}
+
+Result<SnapshotInfo> VolumeImpl::CreateSnapshot(const SnapshotOptions& opts) {
+  Volume* self = this;
+  auto r = CreateSnapshotSet(std::span<Volume* const>(&self, 1), opts);
+  if (!r.ok()) return r.status();
+  return r->front();
+}
+
+Status VolumeImpl::DeleteSnapshot(const std::string& id) {
+  std::lock_guard a(admin_mu_);
+  return DeleteSnapshotLocked(id);
+}
+
+Status VolumeImpl::DeleteSnapshotLocked(const std::string& id) {
+  std::unique_lock l(meta_mu_);
+  Snap* s = state_.FindById(id);
+  if (s == nullptr) return Status::NotFound("no snapshot " + id + " on volume " + cfg_.uuid);
+  RemoveSnapshotLocked(l, s->info.seq);
+  l.unlock();
+  return Status::Ok();
+}
+
+std::vector<SnapshotInfo> VolumeImpl::ListSnapshots() {
+  std::lock_guard l(meta_mu_);
+  auto excl = state_.ExclusiveBytes();
+  std::vector<SnapshotInfo> out;
+  for (auto& [seq, s] : state_.snaps()) {
+    out.push_back(s.info);
+    out.back().volume_uuid = cfg_.uuid;
+    out.back().exclusive_bytes = excl.count(seq) ? excl[seq] : 0;
+  }
+  return out;
+}
+
+Result<SnapshotInfo> VolumeImpl::GetSnapshot(const std::string& id) {
+  std::lock_guard l(meta_mu_);
+  Snap* s = state_.FindById(id);
+  if (s == nullptr) return Status::NotFound("no snapshot " + id);
+  SnapshotInfo info = s->info;
+  info.volume_uuid = cfg_.uuid;
+  return info;
+}
+
+namespace {
+Status InvalidStatus(const SnapshotInfo& info) {
+  return Status::SnapshotInvalid("snapshot " + info.id + " was invalidated: " +
+                                 std::string(InvalidCauseName(info.cause)) +
+                                 (info.invalid_message.empty() ? "" : " (" + info.invalid_message + ")"));
+}
+}  // namespace
+
+Status VolumeImpl::ReadSnapshot(const std::string& id, uint64_t off, std::span<std::byte> buf) {
+  if (off > size_ || buf.size() > size_ - off)
+    return Status::InvalidArgument("read beyond the end of the snapshot");
+  std::shared_ptr<std::shared_mutex> reader;
+  uint64_t seq = 0;
+  {
+    std::lock_guard l(meta_mu_);
+    Snap* s = state_.FindById(id);
+    if (s == nullptr) return Status::NotFound("no snapshot " + id);
+    if (!s->info.valid) return InvalidStatus(s->info);
+    reader = s->read_mu;
+    seq = s->info.seq;
+  }
+  size_t pos = 0;
+  while (pos < buf.size()) {
+    uint64_t c = ChunkOf(off + pos);
+    uint64_t cstart = c << shift_;
+    size_t n = std::min<uint64_t>(buf.size() - pos, cstart + cfg_.chunk_size - (off + pos));
+    auto part = buf.subspan(pos, n);
+    std::shared_lock stripe(Stripe(c));
+    std::shared_lock rl(*reader);
+    enum { kZero, kSlot, kOrigin } src;
+    uint64_t slot = 0;
+    {
+      std::lock_guard l(meta_mu_);
+      auto it = state_.snaps().find(seq);
+      if (it == state_.snaps().end()) return Status::NotFound("snapshot " + id + " was deleted");
+      if (!it->second.info.valid) return InvalidStatus(it->second.info);
+      const Exception* e = state_.Lookup(c, seq);
+      if (e != nullptr) {
+        src = e->slot == kZeroSlot ? kZero : kSlot;
+        slot = e->slot;
+      } else {
+        src = state_.free_at_newest().Test(c) ? kZero : kOrigin;
+      }
+    }
+    uint64_t in_chunk = off + pos - cstart;
+    if (src == kZero) {
+      std::memset(part.data(), 0, part.size());
+    } else if (src == kSlot) {
+      UMBRA_RETURN_IF_ERROR(data_->ReadAt(slot * cfg_.chunk_size + in_chunk, part)
+                                .Annotate("reading shadow storage"));
+    } else {
+      UMBRA_RETURN_IF_ERROR(OriginRead(off + pos, part));
+    }
+    pos += n;
+  }
+  return Status::Ok();
+}
+
+Result<std::vector<Extent>> VolumeImpl::SnapshotExtents(const std::string& id) {
+  std::lock_guard l(meta_mu_);
+  Snap* s = state_.FindById(id);
+  if (s == nullptr) return Status::NotFound("no snapshot " + id);
+  if (!s->info.valid) return InvalidStatus(s->info);
+  std::vector<Extent> out;
+  for (uint64_t c = 0; c < state_.num_chunks(); ++c) {
+    const Exception* e = state_.Lookup(c, s->info.seq);
+    bool allocated = e ? e->slot != kZeroSlot : !state_.free_at_newest().Test(c);
+    if (!allocated) continue;
+    uint64_t o = c << shift_;
+    uint64_t n = std::min<uint64_t>(cfg_.chunk_size, size_ - o);
+    if (!out.empty() && out.back().offset + out.back().length == o) {
+      out.back().length += n;
+    } else {
+      out.push_back({o, n});
+    }
+  }
+  return out;
+}
+
+// ------------------------------------------------------------- storage --
+
+StorageUsage VolumeImpl::GetStorageUsage() {
+  StorageUsage u;
+  std::shared_ptr<Journal> jnl;
+  {
+    std::lock_guard l(meta_mu_);
+    u.used_bytes = state_.slots_in_use() * uint64_t{cfg_.chunk_size};
+    u.max_size = cfg_.max_size;
+    jnl = journal_;
+  }
+  uint64_t max = MaxSlots();
+  u.max_bytes = max == UINT64_MAX ? UINT64_MAX : max * cfg_.chunk_size;
+  auto a = data_->AllocatedBytes();
+  u.allocated_bytes = (a.ok() ? *a : 0) + jnl->bytes_written();
+  auto ck = env_->Open(cfg_.shadow_dir + "/" + kCheckpointName, OpenMode::kReadOnly);
+  if (ck.ok()) {
+    auto n = (*ck)->Size();
+    if (n.ok()) u.allocated_bytes += *n;
+  }
+  u.copies = copies_.load();
+  u.zero_copies = zero_copies_.load();
+  return u;
+}
+
+Status VolumeImpl::SetMaxSize(MaxSize max) {
+  std::lock_guard a(admin_mu_);
+  if (max.kind == MaxSize::Kind::kPercent && (max.value < 1 || max.value > 100))
+    return Status::InvalidArgument("maximum size percent must be 1..100");
+  UMBRA_ASSIGN_OR_RETURN(FsStats st, env_->StatFs(cfg_.shadow_dir));
+  if (max.kind == MaxSize::Kind::kBytes) {
+    if (max.value < cfg_.chunk_size)
+      return Status::InvalidArgument("maximum size " + max.ToString() +
+                                     " is smaller than one chunk (" +
+                                     FormatBytes(cfg_.chunk_size) + ")");
+    if (st.total_bytes != 0 && max.value > st.total_bytes)
+      return Status::InvalidArgument("maximum size " + max.ToString() +
+                                     " does not fit: the filesystem holding " + cfg_.shadow_dir +
+                                     " has " + FormatBytes(st.total_bytes));
+  }
+  std::unique_lock l(meta_mu_);
+  MaxSize old = cfg_.max_size;
+  cfg_.max_size = max;
+  uint64_t slots = MaxSlots();
+  if (slots != UINT64_MAX && state_.slots_in_use() > slots) {
+    cfg_.max_size = old;
+    return Status::InvalidArgument(
+        "maximum size " + max.ToString() + " is below the " +
+        FormatBytes(state_.slots_in_use() * uint64_t{cfg_.chunk_size}) +
+        " in use; delete snapshots first");
+  }
+  uint64_t lsn = journal_->Append(ConfigRecord());
+  auto jnl = journal_;
+  l.unlock();
+  return jnl->SyncTo(lsn);
+}
+
+Status VolumeImpl::SetProtection(ProtectionLevel level) {
+  std::lock_guard a(admin_mu_);
+  std::unique_lock l(meta_mu_);
+  cfg_.protection = level;
+  uint64_t lsn = journal_->Append(ConfigRecord());
+  auto jnl = journal_;
+  l.unlock();
+  return jnl->SyncTo(lsn);
+}
+
+// ------------------------------------------------------ rotation/close --
+
+Status VolumeImpl::MaybeRotate() {
+  std::unique_lock a(admin_mu_, std::try_to_lock);
+  if (!a.owns_lock()) return Status::Ok();  // an admin op is running; next time
+  std::shared_ptr<Journal> jnl;
+  {
+    std::lock_guard l(meta_mu_);
+    jnl = journal_;
+  }
+  if (jnl->bytes_written() < kRotateBytes) return Status::Ok();
+  return RotateLocked();
+}
+
+Status VolumeImpl::RotateLocked() {
+  std::vector<std::byte> body;
+  CheckpointHeader h;
+  uint64_t old_gen;
+  {
+    std::lock_guard l(meta_mu_);
+    old_gen = journal_->generation();
+    // (a) the current journal is complete; a failed one is abandoned (its
+    // durable prefix is still replayed, the new checkpoint supersedes it).
+    Status s = journal_->SyncAll();
+    uint64_t next = journal_->next_lsn();
+    // (b) new generation.
+    // If it failed, its unsynced tail is lost and the chain from the old
+    // checkpoint ends there; the checkpoint written below supersedes it.
+    s.IgnoreError();
+    UMBRA_ASSIGN_OR_RETURN(auto nj,
+                           Journal::Create(env_, cfg_.shadow_dir, uuid_, old_gen + 1, next));
+    nj->set_before_write([this] { return data_->Sync(); });
+    // (c) switch.
+    journal_ = std::move(nj);
+    state_.Serialize(ConfigRecord(), body);
+    h.volume_uuid = uuid_;
+    h.volume_size = size_;
+    h.chunk_size = cfg_.chunk_size;
+    h.journal_gen = old_gen + 1;
+    h.next_lsn = next;
+  }
+  // (d) checkpoint, then (e) old journals go.
+  UMBRA_RETURN_IF_ERROR(data_->Sync());
+  UMBRA_RETURN_IF_ERROR(WriteCheckpoint(env_, cfg_.shadow_dir, h, body));
+  UMBRA_ASSIGN_OR_RETURN(auto names, env_->ListDir(cfg_.shadow_dir));
+  for (const auto& n : names) {
+    if (n.rfind(kJournalPrefix, 0) != 0) continue;
+    uint64_t g = std::strtoull(n.c_str() + std::strlen(kJournalPrefix), nullptr, 16);
+    if (g <= old_gen) env_->Remove(cfg_.shadow_dir + "/" + n).IgnoreError();
+  }
+  return Status::Ok();
+}
+
+Status VolumeImpl::Close() {
+  std::lock_guard a(admin_mu_);
+  if (closed_ || !ready_) return Status::Ok();  // never write to a store that failed to open
+  Status s = origin_->Sync();
+  {
+    std::unique_lock l(meta_mu_);
+    std::vector<uint64_t> autos;
+    for (auto& [seq, sn] : state_.snaps())
+      if (!sn.info.persistent) autos.push_back(seq);
+    for (uint64_t seq : autos) RemoveSnapshotLocked(l, seq);
+  }
+  {
+    std::unique_lock g(gate_);
+    closed_ = true;
+  }
+  Status r = RotateLocked();
+  if (s.ok()) s = r;
+  return s;
+}
+
+}  // namespace engine
+
+// ------------------------------------------------------------- factory --
+
+Result<std::unique_ptr<Volume>> Volume::Create(Env* env, VolumeConfig config) {
+  auto v = engine::Construct(env, config, /*create=*/true);
+  if (!v.ok()) return v.status();
+  UMBRA_RETURN_IF_ERROR((*v)->InitNew());
+  return std::unique_ptr<Volume>(std::move(v).value());
+}
+
+Result<std::unique_ptr<Volume>> Volume::Open(Env* env, VolumeConfig config) {
+  if (config.uuid.empty()) return Status::InvalidArgument("opening a volume needs its UUID");
+  auto v = engine::Construct(env, config, /*create=*/false);
+  if (!v.ok()) return v.status();
+  UMBRA_RETURN_IF_ERROR((*v)->Recover());
+  return std::unique_ptr<Volume>(std::move(v).value());
+}
+
+}  // namespace umbra

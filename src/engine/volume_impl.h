@@ -1,0 +1,168 @@
+// VolumeImpl: the copy-on-write engine behind umbra::Volume.
+//
+// Locking (acquire in this order; never the reverse):
+//   admin_mu_   serialises snapshot create/delete, rotation, config changes.
+//   gate_       shared by every block operation; exclusive for the instant of
+//               a snapshot (so no write straddles it).
+//   stripes_[]  per-chunk-stripe rwlock. Exclusive: a write/discard that must
+//               copy, or touches a free chunk. Shared: a snapshot read of the
+//               chunk. Writes whose chunks are already copied (and not free)
+//               take no stripe: no snapshot reads those chunks' origin bytes.
+//   Snap::read_mu  shared by a snapshot read (after its stripe); exclusive by
+//               whoever frees that snapshot's slots (rule 8).
+//   meta_mu_    State and journal appends (journal order == memory order).
+// Threads: callers' threads do reads, writes and origin I/O; one copier
+// thread writes copied chunks to the data file and group-commits journal
+// records for persistent ranges; callers wait for it at most
+// copy_timeout_ms, so a hung shadow storage cannot hang the origin.
+#pragma once
+
+#include <array>
+#include <atomic>
+#include <condition_variable>
+#include <deque>
+#include <mutex>
+#include <shared_mutex>
+#include <thread>
+
+#include "engine/chunk_map.h"
+#include "engine/journal.h"
+#include "umbra/engine.h"
+
+namespace umbra::engine {
+
+// Chunk-sized, 4 KiB-aligned buffers, recycled so the write path does not
+// allocate in steady state.
+class BufferPool {
+ public:
+  struct Deleter {
+    void operator()(std::byte* p) const { std::free(p); }
+  };
+  using Buffer = std::unique_ptr<std::byte, Deleter>;
+  explicit BufferPool(size_t size) : size_(size) {}
+  Buffer Get();
+  void Put(Buffer b);
+  size_t size() const { return size_; }
+
+ private:
+  size_t size_;
+  std::mutex mu_;
+  std::vector<Buffer> free_;
+};
+
+struct CopyJob {
+  uint64_t chunk = 0;
+  uint64_t key = 0;
+  uint64_t slot = 0;
+  bool persistent = false;
+  BufferPool::Buffer buf;
+  // 0 pending, 1 done, 2 abandoned by the waiting writer (copier frees slot).
+  std::atomic<int> state{0};
+  Status status;
+  uint64_t duration_ns = 0;
+};
+
+class VolumeImpl final : public Volume {
+ public:
+  VolumeImpl(Env* env, VolumeConfig cfg, Uuid uuid, uint64_t size,
+             std::unique_ptr<File> origin, std::unique_ptr<File> data);
+  ~VolumeImpl() override;
+
+  // Create: writes the initial checkpoint + journal. Open: recovery.
+  Status InitNew();
+  Status Recover();
+
+  const VolumeConfig& config() const override { return cfg_; }
+  uint64_t size() const override { return size_; }
+  Status Read(uint64_t off, std::span<std::byte> buf) override;
+  Status Write(uint64_t off, std::span<const std::byte> buf, bool fua) override;
+  Status Discard(uint64_t off, uint64_t len) override;
+  Status WriteZeroes(uint64_t off, uint64_t len) override;
+  Status Flush() override;
+  Result<SnapshotInfo> CreateSnapshot(const SnapshotOptions& opts) override;
+  Status DeleteSnapshot(const std::string& id) override;
+  std::vector<SnapshotInfo> ListSnapshots() override;
+  Result<SnapshotInfo> GetSnapshot(const std::string& id) override;
+  Status ReadSnapshot(const std::string& id, uint64_t off, std::span<std::byte> buf) override;
+  Result<std::vector<Extent>> SnapshotExtents(const std::string& id) override;
+  StorageUsage GetStorageUsage() override;
+  Status SetMaxSize(MaxSize max) override;
+  Status SetProtection(ProtectionLevel level) override;
+  Status Close() override;
+
+  // Snapshot sets (snapshot_set.cc).
+  std::shared_mutex& gate() { return gate_; }
+  std::mutex& admin_mu() { return admin_mu_; }
+  Status PrepareInstant(bool persistent);   // origin sync before the gate
+  // With gate_ held exclusively: adds the snapshot, appends its record.
+  Result<SnapshotInfo> AddSnapshotLocked(const SnapshotOptions& opts, const Uuid& set_uuid,
+                                         uint32_t set_size, uint64_t* lsn);
+  Status SyncJournal(uint64_t lsn);
+  Status DeleteSnapshotLocked(const std::string& id);  // admin_mu_ held
+  std::string uuid_text() const { return cfg_.uuid; }
+
+ private:
+  uint64_t ChunkOf(uint64_t off) const { return off >> shift_; }
+  std::shared_mutex& Stripe(uint64_t c) { return stripes_[c % stripes_.size()]; }
+  Record ConfigRecord() const;
+  uint64_t MaxSlots();
+  std::shared_ptr<Journal> journal();
+  void UpdateCowActive();
+
+  // Origin I/O honouring O_DIRECT alignment (bounces unaligned buffers).
+  Status OriginRead(uint64_t off, std::span<std::byte> buf);
+  Status OriginWrite(uint64_t off, std::span<const std::byte> buf);
+
+  // Copy-on-write for chunks [c0, c1] (stripes held exclusively).
+  Status PreserveChunks(uint64_t c0, uint64_t c1);
+  // Makes room for `n` more slots; may delete or invalidate snapshots.
+  // meta_mu_ held via `l`, may be released and re-taken.
+  Status ReserveSlots(std::unique_lock<std::mutex>& l, uint64_t n);
+  // Invalidates every valid snapshot (cause), freeing their storage.
+  void InvalidateAllLocked(std::unique_lock<std::mutex>& l, InvalidCause cause,
+                           const std::string& msg);
+  void RemoveSnapshotLocked(std::unique_lock<std::mutex>& l, uint64_t seq);
+  // Waits for readers of the given snapshots, syncs the journal, punches and
+  // releases `freed` slots (rules 4 and 8).
+  void ReleaseSlots(std::unique_lock<std::mutex>& l,
+                    std::vector<std::shared_ptr<std::shared_mutex>> readers,
+                    std::vector<uint64_t> freed);
+  void PunchFreeOrigin();
+  Status RotateLocked();  // admin_mu_ held
+  Status MaybeRotate();
+
+  // Copier thread.
+  void CopierMain();
+  void Submit(std::vector<std::shared_ptr<CopyJob>>& jobs);
+  bool WaitJobs(std::vector<std::shared_ptr<CopyJob>>& jobs);
+
+  Env* env_;
+  VolumeConfig cfg_;
+  Uuid uuid_;
+  uint64_t size_;
+  uint32_t shift_;
+  std::unique_ptr<File> origin_;
+  std::unique_ptr<File> data_;
+  BufferPool pool_;
+
+  std::mutex admin_mu_;
+  std::shared_mutex gate_;
+  std::array<std::shared_mutex, 1024> stripes_;
+  std::mutex meta_mu_;
+  State state_;
+  std::shared_ptr<Journal> journal_;
+  std::atomic<bool> cow_active_{false};
+  std::atomic<uint64_t> copies_{0};
+  std::atomic<uint64_t> zero_copies_{0};
+  bool closed_ = false;
+  bool ready_ = false;  // opened successfully; Close may write
+
+  std::mutex copier_mu_;
+  std::condition_variable copier_cv_;
+  std::condition_variable done_cv_;
+  std::deque<std::shared_ptr<CopyJob>> queue_;
+  bool stop_ = false;
+  std::thread copier_;
+};
+
+}  // namespace umbra::engine
