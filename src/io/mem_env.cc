@@ -47,8 +47,9 @@ struct Contents {
   }
 
   void Read(uint64_t off, std::byte* out, uint64_t len) const {
+    if (len == 0) return;  // `out` may be null for an empty span
     std::memset(out, 0, len);
-    if (len == 0 || off >= size) return;
+    if (off >= size) return;
     const uint64_t end = std::min(off + len, size);
     for (auto it = pages.lower_bound(off / kPage); it != pages.end(); ++it) {
       const uint64_t page_start = it->first * kPage;

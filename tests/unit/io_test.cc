@@ -248,6 +248,8 @@ TEST_F(PosixEnvTest, ReadWriteSizeSync) {
   EXPECT_EQ(std::vector<std::byte>(tail.begin(), tail.begin() + 2), Bytes("lo"));
   EXPECT_TRUE(AllEqual(std::vector<std::byte>(tail.begin() + 2, tail.end()), 0));
   EXPECT_TRUE(AllEqual(Read(*f, 1 << 20, 4096), 0));
+  EXPECT_TRUE(f->ReadAt(0, std::span<std::byte>()).ok());
+  EXPECT_TRUE(f->WriteAt(0, std::span<const std::byte>()).ok());
 
   ASSERT_TRUE(f->Truncate(3).ok());
   EXPECT_EQ(f->Size().value(), 3u);
@@ -556,6 +558,9 @@ TEST(MemEnvTest, SparseHugeFileIsCheap) {
   EXPECT_EQ(f->Size().value(), kSize);
   EXPECT_EQ(f->AllocatedBytes().value(), 3u * 4096);
   EXPECT_TRUE(AllEqual(Read(*f, 4096, 1 << 20), 0));
+  EXPECT_TRUE(f->ReadAt(0, std::span<std::byte>()).ok());  // empty span: no-op
+  EXPECT_TRUE(f->WriteAt(0, std::span<const std::byte>()).ok());
+  EXPECT_EQ(f->Size().value(), kSize);
   EXPECT_TRUE(AllEqual(Read(*f, kSize / 2 + 100, 10), 2));
   EXPECT_TRUE(AllEqual(Read(*f, kSize - 4096, 4096), 3));
   // Punch: whole pages are freed, partial ones zeroed.
