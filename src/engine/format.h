@@ -25,6 +25,7 @@ inline constexpr uint64_t kZeroSlot = UINT64_MAX;
 
 inline constexpr const char* kCheckpointName = "umbra-shadow.ckpt";
 inline constexpr const char* kCheckpointTmpName = "umbra-shadow.ckpt.tmp";
+inline constexpr const char* kCheckpointFailedName = "umbra-shadow.ckpt.failed";
 inline constexpr const char* kDataName = "umbra-shadow.data";
 inline constexpr const char* kJournalPrefix = "umbra-shadow.jnl.";
 std::string JournalName(uint64_t gen);

@@ -212,7 +212,6 @@ Status VolumeImpl::Recover() {
   UMBRA_ASSIGN_OR_RETURN(uint64_t dsize, data_->Size());
   uint64_t end = state_.slot_high_water() * cfg_.chunk_size;
   if (dsize > end) UMBRA_RETURN_IF_ERROR(data_->Truncate(end));
-  if (!cow_active_) PunchFreeOrigin();
   ready_ = true;
   return Status::Ok();
 }
@@ -258,16 +257,31 @@ Result<std::unique_ptr<VolumeImpl>> Construct(Env* env, VolumeConfig& cfg, bool 
   UMBRA_ASSIGN_OR_RETURN(bool has_ckpt, env->Exists(ckpt));
   if (create && has_ckpt)
     return Status::AlreadyExists("shadow storage already exists in " + cfg.shadow_dir);
-  if (!create && !has_ckpt)
-    return Status::NotFound("no shadow storage in " + cfg.shadow_dir);
+  bool fresh = create;
+  if (!create && !has_ckpt) {
+    UMBRA_ASSIGN_OR_RETURN(bool retired,
+                           env->Exists(cfg.shadow_dir + "/" + kCheckpointFailedName));
+    if (!retired) return Status::NotFound("no shadow storage in " + cfg.shadow_dir);
+    // Retired after a failure: its snapshots were invalidated; start afresh.
+    UMBRA_ASSIGN_OR_RETURN(auto names, env->ListDir(cfg.shadow_dir));
+    for (const auto& n : names)
+      if (n.rfind(kJournalPrefix, 0) == 0)
+        UMBRA_RETURN_IF_ERROR(env->Remove(cfg.shadow_dir + "/" + n));
+    fresh = true;
+  }
   std::unique_ptr<File> data;
-  if (create) {
+  if (fresh) {
     UMBRA_ASSIGN_OR_RETURN(data, env->Open(cfg.shadow_dir + "/" + kDataName, OpenMode::kCreate));
     UMBRA_RETURN_IF_ERROR(data->Truncate(0));
   } else {
     UMBRA_ASSIGN_OR_RETURN(data, env->Open(cfg.shadow_dir + "/" + kDataName, OpenMode::kReadWrite));
   }
-  return std::make_unique<VolumeImpl>(env, cfg, uuid, size, std::move(origin), std::move(data));
+  auto v = std::make_unique<VolumeImpl>(env, cfg, uuid, size, std::move(origin), std::move(data));
+  if (fresh && !create) {
+    UMBRA_RETURN_IF_ERROR(v->InitNew());
+    env->Remove(cfg.shadow_dir + "/" + kCheckpointFailedName).IgnoreError();
+  }
+  return v;
 }
 
 }  // namespace
@@ -530,7 +544,7 @@ Status VolumeImpl::PreserveChunks(uint64_t c0, uint64_t c1) {
     if (cause == InvalidCause::kStorageFull && state_.valid_count() > 1 && attempt < 64) {
       // Disk full: drop the oldest snapshot and try again (copies that
       // succeeded are kept; the retry copies only what is still needed).
-      RemoveSnapshotLocked(l, state_.oldest_valid());
+      RemoveSnapshotLocked(l, state_.oldest_valid()).IgnoreError();  // failure invalidates all
       retry = true;
     } else {
       InvalidateAllLocked(l, cause, failure.message());
@@ -549,7 +563,7 @@ Status VolumeImpl::ReserveSlots(std::unique_lock<std::mutex>& l, uint64_t n) {
                              cfg_.max_size.ToString() +
                              "); origin write refused to protect snapshots");
     if (state_.valid_count() > 1) {
-      RemoveSnapshotLocked(l, state_.oldest_valid());
+      RemoveSnapshotLocked(l, state_.oldest_valid()).IgnoreError();  // failure invalidates all
     } else {
       InvalidateAllLocked(l, InvalidCause::kStorageFull,
                           "shadow storage reached its maximum size (" +
@@ -558,9 +572,9 @@ Status VolumeImpl::ReserveSlots(std::unique_lock<std::mutex>& l, uint64_t n) {
   }
 }
 
-void VolumeImpl::RemoveSnapshotLocked(std::unique_lock<std::mutex>& l, uint64_t seq) {
+Status VolumeImpl::RemoveSnapshotLocked(std::unique_lock<std::mutex>& l, uint64_t seq) {
   auto it = state_.snaps().find(seq);
-  if (it == state_.snaps().end()) return;
+  if (it == state_.snaps().end()) return Status::Ok();
   auto reader = it->second.read_mu;
   std::vector<uint64_t> freed;
   state_.RemoveSnapshot(seq, freed);
@@ -569,7 +583,7 @@ void VolumeImpl::RemoveSnapshotLocked(std::unique_lock<std::mutex>& l, uint64_t 
   r.seq = seq;
   journal_->Append(r);
   UpdateCowActive();
-  ReleaseSlots(l, {reader}, std::move(freed));
+  return ReleaseSlots(l, {reader}, std::move(freed));
 }
 
 void VolumeImpl::InvalidateAllLocked(std::unique_lock<std::mutex>& l, InvalidCause cause,
@@ -590,10 +604,10 @@ void VolumeImpl::InvalidateAllLocked(std::unique_lock<std::mutex>& l, InvalidCau
     journal_->Append(r);
   }
   UpdateCowActive();
-  ReleaseSlots(l, std::move(readers), std::move(freed));
+  ReleaseSlots(l, std::move(readers), std::move(freed)).IgnoreError();  // cause already recorded
 }
 
-void VolumeImpl::ReleaseSlots(std::unique_lock<std::mutex>& l,
+Status VolumeImpl::ReleaseSlots(std::unique_lock<std::mutex>& l,
                               std::vector<std::shared_ptr<std::shared_mutex>> readers,
                               std::vector<uint64_t> freed) {
   auto jnl = journal_;
@@ -614,22 +628,32 @@ void VolumeImpl::ReleaseSlots(std::unique_lock<std::mutex>& l,
       i = j;
     }
   }
-  bool cow_off = !cow_active_.load();
-  if (cow_off) PunchFreeOrigin();
+  if (!s.ok()) {
+    // The deletion/invalidation may not be durable: the store cannot be trusted.
+    l.lock();
+    if (state_.newest_valid() != 0) {
+      InvalidateAllLocked(l, InvalidCause::kStorageIOError, s.message());
+    }
+    l.unlock();
+    Retire(s).IgnoreError();
+  }
   l.lock();
   // If the journal failed, the slots stay allocated: storage is broken anyway.
   if (s.ok())
     for (uint64_t slot : freed) state_.FreeSlot(slot);
+  return s;
 }
 
-void VolumeImpl::PunchFreeOrigin() {
-  // No snapshot needs old bytes any more: give free chunks' space back.
-  // (Chunks stay free; their reads are zeros either way.)
-  state_.free_map().ForEachRun([&](uint64_t first, uint64_t count) {
-    uint64_t off = first << shift_;
-    uint64_t len = std::min<uint64_t>(count << shift_, size_ - off);
-    origin_->PunchHole(off, len).IgnoreError();  // space reclaim only
-  });
+Status VolumeImpl::Retire(const Status& why) {
+  if (retired_.exchange(true)) return Status::Ok();
+  Status s = env_->Rename(cfg_.shadow_dir + "/" + kCheckpointName,
+                          cfg_.shadow_dir + "/" + kCheckpointFailedName);
+  if (s.ok()) s = env_->SyncDir(cfg_.shadow_dir);
+  if (!s.ok()) {
+    retired_ = false;
+    return s.Annotate("retiring failed shadow storage (" + why.message() + ")");
+  }
+  return Status::Ok();
 }
 
 Status VolumeImpl::Discard(uint64_t off, uint64_t len) {
@@ -656,14 +680,15 @@ Status VolumeImpl::Discard(uint64_t off, uint64_t len) {
 
   std::shared_lock g(gate_);
   for (uint64_t c = first_full; c < end_full; ++c) {
+    if (state_.free_map().Test(c)) continue;
     std::unique_lock stripe(Stripe(c));
-    bool punch = false;
+    // A discard changes the chunk, so the newest snapshot's copy is made
+    // first, exactly as for a write (unless the chunk was free at the
+    // snapshot, which costs nothing).
+    UMBRA_RETURN_IF_ERROR(PreserveChunks(c, c));
     {
       std::unique_lock l(meta_mu_);
       if (state_.free_map().Test(c)) continue;
-      // Protected: the newest snapshot still reads this chunk's bytes from
-      // the origin, so keep them; the chunk becomes free for the live volume.
-      punch = !(state_.NeedsCopy(c) && !state_.free_at_newest().Test(c));
       state_.free_map().Set(c);
       Record r;
       r.type = RecordType::kFree;
@@ -671,10 +696,8 @@ Status VolumeImpl::Discard(uint64_t off, uint64_t len) {
       r.count = 1;
       journal_->Append(r);
     }
-    if (punch) {
-      uint64_t coff = c << shift_;
-      origin_->PunchHole(coff, std::min<uint64_t>(cfg_.chunk_size, size_ - coff)).IgnoreError();
-    }
+    uint64_t coff = c << shift_;
+    origin_->PunchHole(coff, std::min<uint64_t>(cfg_.chunk_size, size_ - coff)).IgnoreError();
   }
   return Status::Ok();
 }
@@ -693,10 +716,17 @@ Status VolumeImpl::Flush() {
     jnl = journal_;
   }
   Status s = jnl->SyncAll();  // rule 5: FREE/ALLOC records
-  if (!s.ok() && cfg_.protection == ProtectionLevel::kSnapshot) return s;
   if (!s.ok()) {
-    std::unique_lock l(meta_mu_);
-    if (state_.newest_valid() != 0) InvalidateAllLocked(l, InvalidCause::kStorageIOError, s.message());
+    if (cfg_.protection == ProtectionLevel::kSnapshot) return s;
+    {
+      std::unique_lock l(meta_mu_);
+      if (state_.newest_valid() != 0)
+        InvalidateAllLocked(l, InvalidCause::kStorageIOError, s.message());
+    }
+    // The free map could not be made durable. Once the store is retired a
+    // crash starts from an empty free map, which is safe; if even that
+    // fails the flush cannot be promised.
+    UMBRA_RETURN_IF_ERROR(Retire(s));
   }
   g.unlock();
   return MaybeRotate();
@@ -861,9 +891,9 @@ Status VolumeImpl::DeleteSnapshotLocked(const std::string& id) {
   std::unique_lock l(meta_mu_);
   Snap* s = state_.FindById(id);
   if (s == nullptr) return Status::NotFound("no snapshot " + id + " on volume " + cfg_.uuid);
-  RemoveSnapshotLocked(l, s->info.seq);
+  Status st = RemoveSnapshotLocked(l, s->info.seq);
   l.unlock();
-  return Status::Ok();
+  return st.Annotate("deleting snapshot " + id);
 }
 
 std::vector<SnapshotInfo> VolumeImpl::ListSnapshots() {
@@ -1077,6 +1107,8 @@ Status VolumeImpl::RotateLocked() {
   // (d) checkpoint, then (e) old journals go.
   UMBRA_RETURN_IF_ERROR(data_->Sync());
   UMBRA_RETURN_IF_ERROR(WriteCheckpoint(env_, cfg_.shadow_dir, h, body));
+  if (retired_.exchange(false))
+    env_->Remove(cfg_.shadow_dir + "/" + kCheckpointFailedName).IgnoreError();
   UMBRA_ASSIGN_OR_RETURN(auto names, env_->ListDir(cfg_.shadow_dir));
   for (const auto& n : names) {
     if (n.rfind(kJournalPrefix, 0) != 0) continue;
@@ -1095,7 +1127,7 @@ Status VolumeImpl::Close() {
     std::vector<uint64_t> autos;
     for (auto& [seq, sn] : state_.snaps())
       if (!sn.info.persistent) autos.push_back(seq);
-    for (uint64_t seq : autos) RemoveSnapshotLocked(l, seq);
+    for (uint64_t seq : autos) RemoveSnapshotLocked(l, seq).IgnoreError();  // gone on reopen anyway
   }
   {
     std::unique_lock g(gate_);
@@ -1121,7 +1153,7 @@ Result<std::unique_ptr<Volume>> Volume::Open(Env* env, VolumeConfig config) {
   if (config.uuid.empty()) return Status::InvalidArgument("opening a volume needs its UUID");
   auto v = engine::Construct(env, config, /*create=*/false);
   if (!v.ok()) return v.status();
-  UMBRA_RETURN_IF_ERROR((*v)->Recover());
+  if (!(*v)->ready()) UMBRA_RETURN_IF_ERROR((*v)->Recover());
   return std::unique_ptr<Volume>(std::move(v).value());
 }
 

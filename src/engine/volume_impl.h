@@ -71,6 +71,7 @@ class VolumeImpl final : public Volume {
   // Create: writes the initial checkpoint + journal. Open: recovery.
   Status InitNew();
   Status Recover();
+  bool ready() const { return ready_; }
 
   const VolumeConfig& config() const override { return cfg_; }
   uint64_t size() const override { return size_; }
@@ -121,13 +122,16 @@ class VolumeImpl final : public Volume {
   // Invalidates every valid snapshot (cause), freeing their storage.
   void InvalidateAllLocked(std::unique_lock<std::mutex>& l, InvalidCause cause,
                            const std::string& msg);
-  void RemoveSnapshotLocked(std::unique_lock<std::mutex>& l, uint64_t seq);
+  Status RemoveSnapshotLocked(std::unique_lock<std::mutex>& l, uint64_t seq);
   // Waits for readers of the given snapshots, syncs the journal, punches and
   // releases `freed` slots (rules 4 and 8).
-  void ReleaseSlots(std::unique_lock<std::mutex>& l,
-                    std::vector<std::shared_ptr<std::shared_mutex>> readers,
-                    std::vector<uint64_t> freed);
-  void PunchFreeOrigin();
+  Status ReleaseSlots(std::unique_lock<std::mutex>& l,
+                      std::vector<std::shared_ptr<std::shared_mutex>> readers,
+                      std::vector<uint64_t> freed);
+  // Shadow storage failed: renames the checkpoint aside so a later Open
+  // starts afresh (no snapshots, empty free map) instead of trusting
+  // metadata that could not be kept up to date. OK if it could be done.
+  Status Retire(const Status& why);
   Status RotateLocked();  // admin_mu_ held
   Status MaybeRotate();
 
@@ -156,6 +160,7 @@ class VolumeImpl final : public Volume {
   std::atomic<uint64_t> zero_copies_{0};
   bool closed_ = false;
   bool ready_ = false;  // opened successfully; Close may write
+  std::atomic<bool> retired_{false};  // guarded by meta_mu_ for writes
 
   std::mutex copier_mu_;
   std::condition_variable copier_cv_;
