@@ -8,6 +8,7 @@
 #include <stdlib.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstring>
 #include <filesystem>
 #include <optional>
@@ -627,6 +628,56 @@ TEST(MemEnvTest, ClockSyncCountStatsVolumes) {
   EXPECT_FALSE(env.IsOnVolume("/shadow2", "/dev/vol0").value());
   EXPECT_FALSE(env.IsOnVolume("/shadow", "/dev/vol1").value());
   EXPECT_FALSE(env.IsOnVolume("/other", "/dev/vol0").value());
+}
+
+// Random writes, punches, truncates, syncs and crashes at unaligned offsets,
+// checked against a flat byte-vector model of the current and durable
+// contents.
+TEST(MemEnvTest, RandomOpsMatchFlatModel) {
+  for (uint64_t seed = 1; seed <= 30; ++seed) {
+    MemEnv env;
+    Rng rng(seed);
+    CreateDurable(env, "/f", {});
+    auto f = MustOpen(env, "/f", OpenMode::kReadWrite);
+    std::vector<std::byte> cur, durable;
+    for (int step = 0; step < 300; ++step) {
+      const uint64_t r = rng.Uniform(0, 99);
+      const uint64_t off = rng.Uniform(0, 40000);
+      const uint64_t len = rng.Uniform(0, 10000);
+      if (r < 45) {
+        std::vector<std::byte> data(len);
+        rng.Fill(data);
+        ASSERT_TRUE(f->WriteAt(off, data).ok());
+        if (off + len > cur.size() && len > 0) cur.resize(off + len);
+        std::copy(data.begin(), data.end(), cur.begin() + static_cast<ptrdiff_t>(off));
+      } else if (r < 60) {
+        ASSERT_TRUE(f->PunchHole(off, len).ok());
+        for (uint64_t i = off; i < std::min<uint64_t>(off + len, cur.size()); ++i) {
+          cur[i] = std::byte{0};
+        }
+      } else if (r < 68) {
+        ASSERT_TRUE(f->Truncate(off).ok());
+        cur.resize(off);
+      } else if (r < 78) {
+        ASSERT_TRUE(f->Sync().ok());
+        durable = cur;
+      } else if (r < 81) {
+        env.Crash(CrashMode::kDropUnsynced, seed);
+        cur = durable;
+        f = MustOpen(env, "/f", OpenMode::kReadWrite);
+      } else {
+        auto got = Read(*f, off, len);
+        std::vector<std::byte> want(len);
+        for (uint64_t i = 0; i < len; ++i) {
+          want[i] = off + i < cur.size() ? cur[off + i] : std::byte{0};
+        }
+        ASSERT_EQ(got, want) << "seed " << seed << " step " << step;
+      }
+      ASSERT_EQ(f->Size().value(), cur.size()) << "seed " << seed << " step " << step;
+      ASSERT_LE(f->AllocatedBytes().value(), (cur.size() + 4095) / 4096 * 4096);
+    }
+    ASSERT_EQ(env.ReadWholeFile("/f").value(), cur) << "seed " << seed;
+  }
 }
 
 TEST(MemEnvTest, ConcurrentWritersAreSafe) {
