@@ -455,14 +455,13 @@ Status VolumeImpl::PreserveChunks(uint64_t c0, uint64_t c1) {
           uint64_t key = state_.newest_valid();
           state_.AddException(c, kZeroSlot);
           zero_copies_.fetch_add(1);
-          if (persistent) {
-            Record r;
-            r.type = RecordType::kException;
-            r.chunk = c;
-            r.key = key;
-            r.slot = kZeroSlot;
-            sync_lsn = jnl->Append(r);
-          }
+          Record r;
+          r.type = RecordType::kException;
+          r.chunk = c;
+          r.key = key;
+          r.slot = kZeroSlot;
+          uint64_t lsn = jnl->Append(r);
+          if (persistent) sync_lsn = lsn;
           continue;
         }
         auto job = std::make_shared<CopyJob>();
@@ -778,14 +777,17 @@ void VolumeImpl::CopierMain() {
     {
       std::lock_guard l(meta_mu_);
       jnl = journal_;
+      // Every exception is journaled, so replay frees and reuses slots exactly
+      // as this run did; only persistent ranges wait for the sync (rule 2).
       for (auto& j : batch) {
-        if (!j->persistent || !j->status.ok() || j->state.load() != 0) continue;
+        if (!j->status.ok() || j->state.load() != 0) continue;
         Record r;
         r.type = RecordType::kException;
         r.chunk = j->chunk;
         r.key = j->key;
         r.slot = j->slot;
-        max_lsn = jnl->Append(r);  // rule 1: SyncTo syncs the data file first
+        uint64_t lsn = jnl->Append(r);  // rule 1: SyncTo syncs the data file first
+        if (j->persistent) max_lsn = lsn;
       }
     }
     if (max_lsn != 0) {
