@@ -464,26 +464,35 @@ Status VolumeImpl::PreserveChunks(uint64_t c0, uint64_t c1) {
           if (persistent) sync_lsn = lsn;
           continue;
         }
-        auto job = std::make_shared<CopyJob>();
-        job->chunk = c;
-        job->key = state_.newest_valid();
-        job->slot = state_.AllocSlot();
-        job->persistent = persistent;
-        jobs.push_back(std::move(job));
+        uint64_t key = state_.newest_valid();
+        uint64_t slot = state_.AllocSlot();
+        if (jobs.empty() || jobs.back()->items.back().chunk + 1 != c)
+          jobs.push_back(std::make_shared<CopyJob>());
+        jobs.back()->items.push_back({c, key, slot, persistent});
       }
     }
-    // Read the old contents (we hold the stripes: nobody else writes them).
+    // Read the old contents (we hold the stripes: nobody else writes them),
+    // each run of consecutive chunks in one read.
     Status rs;
     for (auto& j : jobs) {
-      j->buf = pool_.Get();
-      uint64_t cstart = j->chunk << shift_;
-      uint64_t len = std::min<uint64_t>(cfg_.chunk_size, size_ - cstart);
-      if (len < cfg_.chunk_size) std::memset(j->buf.get() + len, 0, cfg_.chunk_size - len);
+      size_t n = j->items.size();
+      if (n == 1) {
+        j->buf = pool_.Get();
+        j->pooled = true;
+      } else {
+        void* p = std::aligned_alloc(kDirectAlign, n * cfg_.chunk_size);
+        if (p == nullptr) std::abort();
+        j->buf.reset(static_cast<std::byte*>(p));
+      }
+      uint64_t cstart = j->items.front().chunk << shift_;
+      uint64_t len = std::min<uint64_t>(n * uint64_t{cfg_.chunk_size}, size_ - cstart);
+      if (len < n * cfg_.chunk_size) std::memset(j->buf.get() + len, 0, n * cfg_.chunk_size - len);
       if (rs.ok()) rs = origin_->ReadAt(cstart, std::span(j->buf.get(), len));
     }
     if (!rs.ok()) {
       std::unique_lock l(meta_mu_);
-      for (auto& j : jobs) state_.FreeSlot(j->slot);
+      for (auto& j : jobs)
+        for (auto& it : j->items) state_.FreeSlot(it.slot);
       return rs.Annotate("reading the origin to preserve it");
     }
     if (!jobs.empty()) {
@@ -496,7 +505,7 @@ Status VolumeImpl::PreserveChunks(uint64_t c0, uint64_t c1) {
     bool retry = false;
     const uint64_t bound_ns = uint64_t{cfg_.copy_timeout_ms} * 1'000'000;
     for (auto& j : jobs) {
-      if (j->state.load() == 2) {  // abandoned: the copier frees the slot
+      if (j->state.load() == 2) {  // abandoned: the copier frees the slots
         cause = InvalidCause::kCopyTooSlow;
         failure = Status::TimedOut("copy to shadow storage exceeded " +
                                    std::to_string(cfg_.copy_timeout_ms) + " ms");
@@ -509,15 +518,14 @@ Status VolumeImpl::PreserveChunks(uint64_t c0, uint64_t c1) {
                              std::to_string(cfg_.copy_timeout_ms) + " ms");
         cause = InvalidCause::kCopyTooSlow;
       }
-      if (s.ok()) {
-        if (state_.AddExceptionKeyed(j->chunk, j->key, j->slot)) {
+      for (auto& it : j->items) {
+        if (s.ok() && state_.AddExceptionKeyed(it.chunk, it.key, it.slot)) {
           copies_.fetch_add(1);
         } else {
-          state_.FreeSlot(j->slot);
+          state_.FreeSlot(it.slot);
         }
-        continue;
       }
-      state_.FreeSlot(j->slot);
+      if (s.ok()) continue;
       if (cause == InvalidCause::kNone) {
         cause = s.code() == Code::kNoSpace ? InvalidCause::kStorageFull
                                            : InvalidCause::kStorageIOError;
@@ -525,7 +533,7 @@ Status VolumeImpl::PreserveChunks(uint64_t c0, uint64_t c1) {
       if (failure.ok()) failure = s;
     }
     for (auto& j : jobs)
-      if (j->state.load() == 1 && j->buf) pool_.Put(std::move(j->buf));
+      if (j->state.load() == 1 && j->pooled) pool_.Put(std::move(j->buf));
     if (failure.ok()) {
       l.unlock();
       if (sync_lsn != 0) {
@@ -771,8 +779,16 @@ void VolumeImpl::CopierMain() {
     std::shared_ptr<Journal> jnl;
     for (auto& j : batch) {
       if (j->state.load() != 0) continue;
-      j->status = data_->WriteAt(j->slot * uint64_t{cfg_.chunk_size},
-                                 std::span<const std::byte>(j->buf.get(), cfg_.chunk_size));
+      // Runs of consecutive slots go to the data file in one write.
+      const auto& items = j->items;
+      for (size_t i = 0; i < items.size() && j->status.ok();) {
+        size_t k = i + 1;
+        while (k < items.size() && items[k].slot == items[k - 1].slot + 1) ++k;
+        j->status = data_->WriteAt(
+            items[i].slot * uint64_t{cfg_.chunk_size},
+            std::span<const std::byte>(j->buf.get() + i * cfg_.chunk_size, (k - i) * cfg_.chunk_size));
+        i = k;
+      }
     }
     {
       std::lock_guard l(meta_mu_);
@@ -781,20 +797,22 @@ void VolumeImpl::CopierMain() {
       // as this run did; only persistent ranges wait for the sync (rule 2).
       for (auto& j : batch) {
         if (!j->status.ok() || j->state.load() != 0) continue;
-        Record r;
-        r.type = RecordType::kException;
-        r.chunk = j->chunk;
-        r.key = j->key;
-        r.slot = j->slot;
-        uint64_t lsn = jnl->Append(r);  // rule 1: SyncTo syncs the data file first
-        if (j->persistent) max_lsn = lsn;
+        for (const auto& it : j->items) {
+          Record r;
+          r.type = RecordType::kException;
+          r.chunk = it.chunk;
+          r.key = it.key;
+          r.slot = it.slot;
+          uint64_t lsn = jnl->Append(r);  // rule 1: SyncTo syncs the data file first
+          if (it.persistent) max_lsn = lsn;
+        }
       }
     }
     if (max_lsn != 0) {
       Status s = jnl->SyncTo(max_lsn);
       if (!s.ok())
         for (auto& j : batch)
-          if (j->persistent && j->status.ok()) j->status = s;
+          if (j->status.ok()) j->status = s;
     }
     uint64_t dt = env_->NowNanos() - t0;
     std::vector<std::shared_ptr<CopyJob>> orphans;
@@ -811,7 +829,8 @@ void VolumeImpl::CopierMain() {
       // The writer gave up waiting and invalidated the snapshots; the slot
       // is ours to free (after the invalidation record, which came first).
       std::lock_guard l(meta_mu_);
-      for (auto& j : orphans) state_.FreeSlot(j->slot);
+      for (auto& j : orphans)
+        for (auto& it : j->items) state_.FreeSlot(it.slot);
     }
   }
 }

@@ -50,13 +50,19 @@ class BufferPool {
   std::vector<Buffer> free_;
 };
 
+// A run of consecutive chunks to preserve, read from the origin in one call.
+// The copier writes runs of consecutive slots in one call too.
 struct CopyJob {
-  uint64_t chunk = 0;
-  uint64_t key = 0;
-  uint64_t slot = 0;
-  bool persistent = false;
-  BufferPool::Buffer buf;
-  // 0 pending, 1 done, 2 abandoned by the waiting writer (copier frees slot).
+  struct Item {
+    uint64_t chunk;
+    uint64_t key;
+    uint64_t slot;
+    bool persistent;
+  };
+  std::vector<Item> items;
+  BufferPool::Buffer buf;  // items.size() * chunk_size bytes, 4 KiB aligned
+  bool pooled = false;     // buf came from the pool (one chunk)
+  // 0 pending, 1 done, 2 abandoned by the waiting writer (copier frees slots).
   std::atomic<int> state{0};
   Status status;
   uint64_t duration_ns = 0;
