@@ -61,6 +61,7 @@ uint64_t UnixNowNs() {
 
 constexpr uint64_t kDirectAlign = 4096;
 constexpr uint64_t kRotateBytes = 64ull << 20;
+constexpr int kCopiers = 4;
 
 bool Aligned(uint64_t v) { return v % kDirectAlign == 0; }
 
@@ -95,8 +96,11 @@ VolumeImpl::VolumeImpl(Env* env, VolumeConfig cfg, Uuid uuid, uint64_t size,
       origin_(std::move(origin)),
       data_(std::move(data)),
       pool_(cfg_.chunk_size),
+      run_pool_(std::max<size_t>(cfg_.chunk_size, 1 << 20)),
       state_((size + cfg_.chunk_size - 1) / cfg_.chunk_size, cfg_.chunk_size) {
-  copier_ = std::thread([this] { CopierMain(); });
+  // Several copiers so that concurrent writers' copies (and, for persistent
+  // snapshots, their syncs) overlap; the journal batches their syncs.
+  for (int i = 0; i < kCopiers; ++i) copiers_.emplace_back([this] { CopierMain(); });
 }
 
 VolumeImpl::~VolumeImpl() {
@@ -106,7 +110,7 @@ VolumeImpl::~VolumeImpl() {
     stop_ = true;
   }
   copier_cv_.notify_all();
-  if (copier_.joinable()) copier_.join();
+  for (auto& t : copiers_) t.join();
 }
 
 Record VolumeImpl::ConfigRecord() const {
@@ -479,6 +483,9 @@ Status VolumeImpl::PreserveChunks(uint64_t c0, uint64_t c1) {
       if (n == 1) {
         j->buf = pool_.Get();
         j->pooled = true;
+      } else if (n * cfg_.chunk_size <= run_pool_.size()) {
+        j->buf = run_pool_.Get();  // e.g. the chunks under one 1 MiB write
+        j->pooled = true;
       } else {
         void* p = std::aligned_alloc(kDirectAlign, n * cfg_.chunk_size);
         if (p == nullptr) std::abort();
@@ -532,8 +539,14 @@ Status VolumeImpl::PreserveChunks(uint64_t c0, uint64_t c1) {
       }
       if (failure.ok()) failure = s;
     }
-    for (auto& j : jobs)
-      if (j->state.load() == 1 && j->pooled) pool_.Put(std::move(j->buf));
+    for (auto& j : jobs) {
+      if (j->state.load() != 1 || !j->pooled) continue;
+      if (j->items.size() == 1) {
+        pool_.Put(std::move(j->buf));
+      } else {
+        run_pool_.Put(std::move(j->buf));
+      }
+    }
     if (failure.ok()) {
       l.unlock();
       if (sync_lsn != 0) {
@@ -771,8 +784,8 @@ void VolumeImpl::CopierMain() {
       std::unique_lock l(copier_mu_);
       copier_cv_.wait(l, [&] { return stop_ || !queue_.empty(); });
       if (queue_.empty() && stop_) return;
-      batch.assign(queue_.begin(), queue_.end());
-      queue_.clear();
+      batch.push_back(std::move(queue_.front()));
+      queue_.pop_front();
     }
     uint64_t t0 = env_->NowNanos();
     uint64_t max_lsn = 0;

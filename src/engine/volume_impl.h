@@ -11,8 +11,8 @@
 //   Snap::read_mu  shared by a snapshot read (after its stripe); exclusive by
 //               whoever frees that snapshot's slots (rule 8).
 //   meta_mu_    State and journal appends (journal order == memory order).
-// Threads: callers' threads do reads, writes and origin I/O; one copier
-// thread writes copied chunks to the data file and group-commits journal
+// Threads: callers' threads do reads, writes and origin I/O; a few copier
+// threads write copied chunks to the data file and group-commit journal
 // records for persistent ranges; callers wait for it at most
 // copy_timeout_ms, so a hung shadow storage cannot hang the origin.
 #pragma once
@@ -153,7 +153,8 @@ class VolumeImpl final : public Volume {
   uint32_t shift_;
   std::unique_ptr<File> origin_;
   std::unique_ptr<File> data_;
-  BufferPool pool_;
+  BufferPool pool_;      // one chunk
+  BufferPool run_pool_;  // runs of chunks up to 1 MiB
 
   std::mutex admin_mu_;
   std::shared_mutex gate_;
@@ -173,7 +174,7 @@ class VolumeImpl final : public Volume {
   std::condition_variable done_cv_;
   std::deque<std::shared_ptr<CopyJob>> queue_;
   bool stop_ = false;
-  std::thread copier_;
+  std::vector<std::thread> copiers_;
 };
 
 }  // namespace umbra::engine
