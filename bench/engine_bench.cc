@@ -226,6 +226,7 @@ int main(int argc, char** argv) {
               o.direct ? "O_DIRECT" : "buffered");
   PrepareOrigin(o);
 
+  const uint32_t def_chunk = VolumeConfig{}.chunk_size;
   auto rnd64 = RandomFirstWrites(o, 65536);
   auto seq = SequentialWrites(o);
   struct Work {
@@ -233,7 +234,8 @@ int main(int argc, char** argv) {
     const std::vector<std::pair<uint64_t, uint32_t>>* w;
   } works[] = {{"4 KiB random first writes", &rnd64}, {"1 MiB sequential first writes", &seq}};
 
-  std::printf("## Write throughput, default chunk (64 KiB); ratio = engine / direct file, same run\n\n");
+  std::printf("## Write throughput, default chunk (%u KiB); ratio = engine / direct file, same run\n\n",
+              def_chunk / 1024);
   std::printf("| workload | config | MiB/s | ratio | copies |\n|---|---|---|---|---|\n");
   for (auto& wk : works) {
     double base = Baseline(o, *wk.w);
@@ -250,7 +252,7 @@ int main(int argc, char** argv) {
     double zero = 0;
     for (auto& c : cfgs) {
       uint64_t copies = 0;
-      double mbs = EngineRun(o, 65536, c.snaps, c.persistent, *wk.w, &copies);
+      double mbs = EngineRun(o, def_chunk, c.snaps, c.persistent, *wk.w, &copies);
       if (c.snaps == 0) zero = mbs;
       std::printf("| %s | %s | %.1f | %.2f | %llu |\n", wk.name, c.name, mbs, mbs / base,
                   static_cast<unsigned long long>(copies));
@@ -280,7 +282,7 @@ int main(int argc, char** argv) {
   std::printf("\n## Engine memory\n\n");
   {
     uint64_t r0 = RssBytes();
-    auto v = NewVolume(o, 65536);
+    auto v = NewVolume(o, def_chunk);
     uint64_t r1 = RssBytes();
     auto s = v->CreateSnapshot({false, ""});
     if (!s.ok()) Die("snapshot", s.status());

@@ -145,6 +145,10 @@ bool DecodePayload(std::span<const std::byte> in, Record& r) {
   return ok && rd.AtEnd();
 }
 
+static_assert(kCheckpointHeaderSize == 128 && kJournalHeaderSize == 64 && kRecordHeaderSize == 20,
+              "header sizes are fixed by docs/format/shadow-storage.md");
+static_assert(sizeof(Uuid) == 16);
+
 void PutUuid(std::byte* p, const Uuid& u) { std::memcpy(p, u.data(), 16); }
 void GetUuid(const std::byte* p, Uuid& u) { std::memcpy(u.data(), p, 16); }
 

@@ -428,3 +428,125 @@ TEST(EnginePosixTest, FileBackedVolumeRoundTrip) {
 
 }  // namespace
 }  // namespace umbra::testing
+
+namespace umbra::testing {
+namespace {
+
+using engine::Record;
+using engine::RecordType;
+
+std::vector<Record> SampleRecords() {
+  std::vector<Record> rs;
+  Record r;
+  r.type = RecordType::kConfig;
+  r.max_kind = 1;
+  r.max_value = 20;
+  r.protection = 1;
+  r.copy_timeout_ms = 1234;
+  rs.push_back(r);
+  r = Record{};
+  r.type = RecordType::kSnapCreate;
+  r.seq = 7;
+  r.snap_uuid[3] = 9;
+  r.flags = 1;
+  r.created_unix_ns = 123456789;
+  r.set_uuid[15] = 4;
+  r.set_size = 3;
+  r.name = "nightly";
+  rs.push_back(r);
+  r = Record{};
+  r.type = RecordType::kSnapInvalidate;
+  r.seq = 7;
+  r.cause = 2;
+  r.name = "EIO";
+  rs.push_back(r);
+  r = Record{};
+  r.type = RecordType::kException;
+  r.chunk = 99;
+  r.key = 7;
+  r.slot = engine::kZeroSlot;
+  rs.push_back(r);
+  for (auto t : {RecordType::kFree, RecordType::kAlloc, RecordType::kNewestFree}) {
+    r = Record{};
+    r.type = t;
+    r.chunk = 5;
+    r.count = 6;
+    rs.push_back(r);
+  }
+  for (auto t : {RecordType::kSnapDelete, RecordType::kNextSeq}) {
+    r = Record{};
+    r.type = t;
+    r.seq = 42;
+    rs.push_back(r);
+  }
+  return rs;
+}
+
+TEST(FormatTest, RecordsRoundTripAndAnyFlippedByteIsRejected) {
+  uint64_t lsn = 1;
+  for (Record r : SampleRecords()) {
+    r.lsn = lsn++;
+    std::vector<std::byte> enc;
+    engine::EncodeRecord(r, enc);
+    Record d;
+    ASSERT_EQ(engine::DecodeRecord(enc, d), enc.size()) << engine::RecordTypeName(r.type);
+    EXPECT_EQ(d.type, r.type);
+    EXPECT_EQ(d.lsn, r.lsn);
+    EXPECT_EQ(d.seq, r.seq);
+    EXPECT_EQ(d.chunk, r.chunk);
+    EXPECT_EQ(d.key, r.key);
+    EXPECT_EQ(d.slot, r.slot);
+    EXPECT_EQ(d.count, r.count);
+    EXPECT_EQ(d.name, r.name);
+    EXPECT_EQ(d.snap_uuid, r.snap_uuid);
+    EXPECT_EQ(d.set_size, r.set_size);
+    for (size_t i = 0; i < enc.size(); ++i) {
+      auto bad = enc;
+      bad[i] ^= std::byte{0x01};
+      EXPECT_EQ(engine::DecodeRecord(bad, d), 0u) << "flip at " << i << " accepted";
+    }
+    // Every truncation is rejected too.
+    for (size_t n = 0; n < enc.size(); ++n)
+      EXPECT_EQ(engine::DecodeRecord(std::span(enc.data(), n), d), 0u);
+  }
+}
+
+TEST(FormatTest, RandomBytesNeverDecodeOrCrash) {
+  Rng rng(77);
+  Record d;
+  size_t accepted = 0;
+  for (int i = 0; i < 200000; ++i) {
+    Bytes b = RandomBytes(rng, rng.Uniform(0, 64));
+    accepted += engine::DecodeRecord(b, d) != 0;
+  }
+  EXPECT_EQ(accepted, 0u);
+}
+
+TEST(FormatTest, HeadersRoundTrip) {
+  engine::CheckpointHeader h;
+  h.volume_uuid[0] = 1;
+  h.volume_size = 1 << 30;
+  h.chunk_size = 65536;
+  h.journal_gen = 3;
+  h.next_lsn = 77;
+  h.body_length = 5;
+  h.body_crc = 0xabcdef;
+  auto enc = engine::EncodeCheckpointHeader(h);
+  engine::CheckpointHeader d;
+  ASSERT_TRUE(engine::DecodeCheckpointHeader(enc, d).ok());
+  EXPECT_EQ(d.volume_size, h.volume_size);
+  EXPECT_EQ(d.journal_gen, 3u);
+  EXPECT_EQ(d.next_lsn, 77u);
+  EXPECT_EQ(d.body_crc, h.body_crc);
+  engine::JournalHeader jh{h.volume_uuid, 9, 100};
+  auto jenc = engine::EncodeJournalHeader(jh);
+  engine::JournalHeader jd;
+  ASSERT_TRUE(engine::DecodeJournalHeader(jenc, jd).ok());
+  EXPECT_EQ(jd.generation, 9u);
+  EXPECT_EQ(jd.first_lsn, 100u);
+  jenc[40] ^= std::byte{1};
+  EXPECT_EQ(engine::DecodeJournalHeader(jenc, jd).code(), Code::kCorruption);
+}
+
+}  // namespace
+}  // namespace umbra::testing
