@@ -13,6 +13,7 @@ PACKAGES=(
   libgtest-dev libgmock-dev libbenchmark-dev zlib1g-dev
   clang-format
   fio e2fsprogs xfsprogs util-linux procps
+  libfuse3-dev fuse3
   python3
 )
 
