@@ -9,6 +9,7 @@
 //   create latency    snapshot creation at 1 GiB and 64 GiB volume size
 //   memory            engine memory per GiB of volume, and per GiB copied
 #include <fcntl.h>
+#include <malloc.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -36,7 +37,16 @@ struct Options {
   bool direct = true;
   uint64_t random_writes = 16384;
   bool quick = false;
+  int repeat = 3;  // each figure is the median of this many runs
 };
+
+template <typename F>
+double Median(int n, F f) {
+  std::vector<double> v;
+  for (int i = 0; i < n; ++i) v.push_back(f());
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
 
 double Now() {
   return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
@@ -147,14 +157,10 @@ double EngineRun(const Options& o, uint32_t chunk, int snaps, bool persistent,
   return mbs;
 }
 
-uint64_t RssBytes() {
-  FILE* f = std::fopen("/proc/self/statm", "r");
-  unsigned long long size = 0, rss = 0;
-  if (f) {
-    if (std::fscanf(f, "%llu %llu", &size, &rss) != 2) rss = 0;
-    std::fclose(f);
-  }
-  return rss * static_cast<uint64_t>(sysconf(_SC_PAGESIZE));
+// Heap bytes in use (glibc): exact, unlike RSS, which keeps freed pages.
+uint64_t HeapBytes() {
+  struct mallinfo2 m = mallinfo2();
+  return m.uordblks + m.hblkhd;
 }
 
 void CreateLatency(const Options& o, uint64_t size, bool persistent) {
@@ -205,15 +211,17 @@ int main(int argc, char** argv) {
     if (a == "--dir") o.dir = next();
     else if (a == "--threads") o.threads = std::atoi(next().c_str());
     else if (a == "--buffered") o.direct = false;
-    else if (a == "--quick") { o.quick = true; o.volume_bytes = 256ull << 20; o.random_writes = 2048; }
+    else if (a == "--quick") { o.quick = true; o.volume_bytes = 256ull << 20; o.random_writes = 2048; o.repeat = 1; }
+    else if (a == "--repeat") o.repeat = std::max(1, std::atoi(next().c_str()));
     else if (a == "--help" || a == "-h") {
       std::printf(
-          "usage: umbra-engine-bench [--dir DIR] [--threads N] [--buffered] [--quick]\n\n"
+          "usage: umbra-engine-bench [--dir DIR] [--threads N] [--buffered] [--repeat N] [--quick]\n\n"
           "Measures the snapshot engine on a file-backed volume in DIR (default\n"
           "/var/tmp/umbra-bench; needs ~2.5 GiB free; removed afterwards) against\n"
           "writing the same file directly, in the same run. Prints Markdown tables.\n"
           "  --threads N  concurrent writers (default 4)\n"
           "  --buffered   page-cache I/O instead of O_DIRECT for origin and baseline\n"
+          "  --repeat N   report the median of N runs of each figure (default 3)\n"
           "  --quick      256 MiB volume, fewer writes (smoke run)\n");
       return 0;
     } else {
@@ -238,7 +246,7 @@ int main(int argc, char** argv) {
               def_chunk / 1024);
   std::printf("| workload | config | MiB/s | ratio | copies |\n|---|---|---|---|---|\n");
   for (auto& wk : works) {
-    double base = Baseline(o, *wk.w);
+    double base = Median(o.repeat, [&] { return Baseline(o, *wk.w); });
     std::printf("| %s | direct file (baseline) | %.1f | 1.00 | - |\n", wk.name, base);
     struct Cfg {
       const char* name;
@@ -252,7 +260,7 @@ int main(int argc, char** argv) {
     double zero = 0;
     for (auto& c : cfgs) {
       uint64_t copies = 0;
-      double mbs = EngineRun(o, def_chunk, c.snaps, c.persistent, *wk.w, &copies);
+      double mbs = Median(o.repeat, [&] { return EngineRun(o, def_chunk, c.snaps, c.persistent, *wk.w, &copies); });
       if (c.snaps == 0) zero = mbs;
       std::printf("| %s | %s | %.1f | %.2f | %llu |\n", wk.name, c.name, mbs, mbs / base,
                   static_cast<unsigned long long>(copies));
@@ -263,13 +271,14 @@ int main(int argc, char** argv) {
 
   std::printf("\n## Chunk size sweep: 1 auto-release snapshot, first writes; ratio to direct file\n\n");
   std::printf("| chunk | 4 KiB random MiB/s | ratio | 1 MiB seq MiB/s | ratio |\n|---|---|---|---|---|\n");
-  double base_r = Baseline(o, rnd64), base_s = Baseline(o, seq);
+  double base_r = Median(o.repeat, [&] { return Baseline(o, rnd64); });
+  double base_s = Median(o.repeat, [&] { return Baseline(o, seq); });
   for (uint32_t chunk : {4096u, 16384u, 65536u, 262144u}) {
     uint64_t copies = 0;
     auto rnd = RandomFirstWrites(o, chunk);
-    double br = chunk > 65536 ? Baseline(o, rnd) : base_r;
-    double r = EngineRun(o, chunk, 1, false, rnd, &copies);
-    double s = EngineRun(o, chunk, 1, false, seq, &copies);
+    double br = chunk > 65536 ? Median(o.repeat, [&] { return Baseline(o, rnd); }) : base_r;
+    double r = Median(o.repeat, [&] { return EngineRun(o, chunk, 1, false, rnd, &copies); });
+    double s = Median(o.repeat, [&] { return EngineRun(o, chunk, 1, false, seq, &copies); });
     std::printf("| %u KiB | %.1f | %.2f | %.1f | %.2f |\n", chunk / 1024, r, r / br, s, s / base_s);
     std::fflush(stdout);
   }
@@ -281,9 +290,9 @@ int main(int argc, char** argv) {
 
   std::printf("\n## Engine memory\n\n");
   {
-    uint64_t r0 = RssBytes();
+    uint64_t r0 = HeapBytes();
     auto v = NewVolume(o, def_chunk);
-    uint64_t r1 = RssBytes();
+    uint64_t r1 = HeapBytes();
     auto s = v->CreateSnapshot({false, ""});
     if (!s.ok()) Die("snapshot", s.status());
     uint64_t copies = 0;
@@ -291,13 +300,21 @@ int main(int argc, char** argv) {
       if (!v->Write(off, std::span<const std::byte>(b, len)).ok()) std::abort();
     });
     (void)mbs;
-    uint64_t r2 = RssBytes();
+    uint64_t r2 = HeapBytes();
     copies = v->GetStorageUsage().copies;
+    // Deleting the snapshot frees its index; buffer pools stay. The
+    // difference is what the snapshot's copies cost in memory.
+    if (!v->DeleteSnapshot(s->id).ok()) Die("delete", Status());
+    uint64_t r3 = HeapBytes();
     double gib = static_cast<double>(o.volume_bytes) / (1 << 30);
-    std::printf("| what | bytes |\n|---|---|\n");
-    std::printf("| per GiB of volume, no snapshot (bitmaps, buffers) | %.0f |\n", (r1 > r0 ? r1 - r0 : 0) / gib);
+    double index = r2 > r3 ? static_cast<double>(r2 - r3) : 0;
+    std::printf("| what | heap bytes |\n|---|---|\n");
+    std::printf("| per GiB of volume, no snapshot (bitmaps) | %.0f |\n", (r1 > r0 ? r1 - r0 : 0) / gib);
     std::printf("| per GiB of volume per snapshot, whole volume overwritten (%llu copies) | %.0f |\n",
-                static_cast<unsigned long long>(copies), (r2 > r1 ? r2 - r1 : 0) / gib);
+                static_cast<unsigned long long>(copies), index / gib);
+    std::printf("| per copied chunk | %.0f |\n", copies ? index / copies : 0.0);
+    std::printf("| copy buffer pools (bounded, shared by all snapshots) | %.0f |\n",
+                r3 > r1 ? static_cast<double>(r3 - r1) : 0.0);
     v->Close().IgnoreError();
   }
   fs::remove_all(o.dir);

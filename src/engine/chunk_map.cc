@@ -53,9 +53,63 @@ uint64_t Bitmap::Count() const {
   return n;
 }
 
+uint64_t ExceptionIndex::LastKey(uint64_t c) const {
+  uint64_t key = 0;
+  for (uint32_t n = head_[c]; n != kNil; n = nodes_[n].next) key = nodes_[n].key;
+  return key;
+}
+
+std::optional<Exception> ExceptionIndex::FirstAtOrAfter(uint64_t c, uint64_t key) const {
+  for (uint32_t n = head_[c]; n != kNil; n = nodes_[n].next) {
+    if (nodes_[n].key >= key)
+      return Exception{nodes_[n].key, nodes_[n].slot == kZero32 ? kZeroSlot : nodes_[n].slot};
+  }
+  return std::nullopt;
+}
+
+uint32_t ExceptionIndex::NewNode(Exception e) {
+  Node node{e.key, e.slot == kZeroSlot ? kZero32 : static_cast<uint32_t>(e.slot), kNil};
+  if (!free_.empty()) {
+    uint32_t n = free_.back();
+    free_.pop_back();
+    nodes_[n] = node;
+    return n;
+  }
+  nodes_.push_back(node);
+  return static_cast<uint32_t>(nodes_.size() - 1);
+}
+
+void ExceptionIndex::Append(uint64_t c, Exception e) {
+  uint32_t n = NewNode(e);
+  if (head_[c] == kNil) {
+    head_[c] = n;
+    return;
+  }
+  uint32_t t = head_[c];
+  while (nodes_[t].next != kNil) t = nodes_[t].next;
+  nodes_[t].next = n;
+}
+
+void ExceptionIndex::Load(uint64_t c, std::vector<Exception>& out) const {
+  out.clear();
+  for (uint32_t n = head_[c]; n != kNil; n = nodes_[n].next)
+    out.push_back({nodes_[n].key, nodes_[n].slot == kZero32 ? kZeroSlot : nodes_[n].slot});
+}
+
+void ExceptionIndex::Store(uint64_t c, const std::vector<Exception>& v) {
+  for (uint32_t n = head_[c]; n != kNil;) {
+    uint32_t next = nodes_[n].next;
+    free_.push_back(n);
+    n = next;
+  }
+  head_[c] = kNil;
+  for (const auto& e : v) Append(c, e);
+}
+
 State::State(uint64_t num_chunks, uint32_t chunk_size)
     : num_chunks_(num_chunks),
       chunk_size_(chunk_size),
+      exc_(num_chunks),
       free_(num_chunks),
       free_at_newest_(num_chunks),
       copied_(num_chunks) {}
@@ -105,41 +159,30 @@ void State::InvalidateSnapshot(uint64_t seq, InvalidCause cause, const std::stri
   if (newest_valid_ != old_newest) RecomputeCopied();
 }
 
-const Exception* State::Lookup(uint64_t c, uint64_t seq) const {
-  auto it = exc_.find(c);
-  if (it == exc_.end()) return nullptr;
-  const auto& v = it->second;
-  auto e = std::lower_bound(v.begin(), v.end(), seq,
-                            [](const Exception& x, uint64_t s) { return x.key < s; });
-  return e == v.end() ? nullptr : &*e;
-}
-
 void State::AddException(uint64_t c, uint64_t slot) {
-  exc_[c].push_back({newest_valid_, slot});
+  exc_.Append(c, {newest_valid_, slot});
   ++exception_count_;
   copied_.Set(c);
 }
 
 bool State::AddExceptionKeyed(uint64_t c, uint64_t key, uint64_t slot) {
-  auto it = exc_.find(c);
-  uint64_t prev = (it == exc_.end() || it->second.empty()) ? 0 : it->second.back().key;
+  uint64_t prev = exc_.LastKey(c);
   if (key <= prev || !RangeHasValid(prev, key)) return false;
-  exc_[c].push_back({key, slot});
+  exc_.Append(c, {key, slot});
   ++exception_count_;
   if (newest_valid_ != 0 && key >= newest_valid_) copied_.Set(c);
   return true;
 }
 
 bool State::NewExceptionIsPersistent(uint64_t c) const {
-  uint64_t prev = 0;
-  auto it = exc_.find(c);
-  if (it != exc_.end() && !it->second.empty()) prev = it->second.back().key;
+  uint64_t prev = exc_.LastKey(c);
   auto p = persistent_valid_.upper_bound(prev);
   return p != persistent_valid_.end() && *p <= newest_valid_;
 }
 
 void State::ReplayException(uint64_t c, uint64_t key, uint64_t slot) {
-  auto& v = exc_[c];
+  auto& v = scratch_;
+  exc_.Load(c, v);
   auto e = std::lower_bound(v.begin(), v.end(), key,
                             [](const Exception& x, uint64_t s) { return x.key < s; });
   if (e != v.end() && e->key == key) {
@@ -149,6 +192,7 @@ void State::ReplayException(uint64_t c, uint64_t key, uint64_t slot) {
     v.insert(e, {key, slot});
     ++exception_count_;
   }
+  exc_.Store(c, v);
 }
 
 uint64_t State::AllocSlot() {
@@ -178,9 +222,13 @@ bool State::RangeHasValid(uint64_t prev_key, uint64_t key) const {
 }
 
 void State::CollectGarbage(uint64_t min_key, std::vector<uint64_t>& freed) {
-  for (auto it = exc_.begin(); it != exc_.end();) {
-    CollectChunk(it->second, min_key, freed);
-    it = it->second.empty() ? exc_.erase(it) : std::next(it);
+  auto& v = scratch_;
+  for (uint64_t c = 0; c < num_chunks_; ++c) {
+    if (exc_.Empty(c) || exc_.LastKey(c) < min_key) continue;
+    exc_.Load(c, v);
+    size_t before = v.size();
+    CollectChunk(v, min_key, freed);
+    if (v.size() != before) exc_.Store(c, v);
   }
 }
 
@@ -207,8 +255,8 @@ void State::RecomputeNewest() {
 void State::RecomputeCopied() {
   copied_.ClearAll();
   if (newest_valid_ == 0) return;
-  for (const auto& [c, v] : exc_)
-    if (!v.empty() && v.back().key >= newest_valid_) copied_.Set(c);
+  for (uint64_t c = 0; c < num_chunks_; ++c)
+    if (!exc_.Empty(c) && exc_.LastKey(c) >= newest_valid_) copied_.Set(c);
 }
 
 Status State::Apply(const Record& r) {
@@ -265,9 +313,11 @@ Status State::Apply(const Record& r) {
       ReplayException(r.chunk, r.key, r.slot);
       // A copy may be journaled after the snapshots it served were deleted
       // or invalidated (the copier appends concurrently): dead on arrival.
-      auto& v = exc_[r.chunk];
+      auto& v = scratch_;
+      exc_.Load(r.chunk, v);
+      size_t before = v.size();
       CollectChunk(v, r.key, freed);
-      if (v.empty()) exc_.erase(r.chunk);
+      if (v.size() != before) exc_.Store(r.chunk, v);
       break;
     }
     case RecordType::kFree:
@@ -331,7 +381,10 @@ void State::Serialize(const Record& config, std::vector<std::byte>& out) const {
   };
   runs(free_at_newest_, RecordType::kNewestFree);
   runs(free_, RecordType::kFree);
-  for (const auto& [c, v] : exc_) {
+  std::vector<Exception> v;
+  for (uint64_t c = 0; c < num_chunks_; ++c) {
+    if (exc_.Empty(c)) continue;
+    exc_.Load(c, v);
     for (const auto& e : v) {
       Record x;
       x.type = RecordType::kException;
@@ -346,7 +399,10 @@ void State::Serialize(const Record& config, std::vector<std::byte>& out) const {
 std::map<uint64_t, uint64_t> State::ExclusiveBytes() const {
   std::map<uint64_t, uint64_t> out;
   for (uint64_t seq : valid_seqs_) out[seq] = 0;
-  for (const auto& [c, v] : exc_) {
+  std::vector<Exception> v;
+  for (uint64_t c = 0; c < num_chunks_; ++c) {
+    if (exc_.Empty(c)) continue;
+    exc_.Load(c, v);
     uint64_t prev = 0;
     for (const auto& e : v) {
       if (e.slot != kZeroSlot) {

@@ -18,6 +18,7 @@
 #include <cstdint>
 #include <functional>
 #include <map>
+#include <optional>
 #include <memory>
 #include <set>
 #include <shared_mutex>
@@ -59,6 +60,38 @@ struct Exception {
   uint64_t slot;  // kZeroSlot: zeros
 };
 
+// Per-chunk exception lists in one flat node array: 4 bytes per chunk plus
+// 16 bytes per exception (an unordered_map of vectors cost ~130 bytes per
+// exception; see docs/benchmarks.md). Lists are short and sorted by key.
+class ExceptionIndex {
+ public:
+  explicit ExceptionIndex(uint64_t chunks) : head_(chunks, kNil) {}
+  bool Empty(uint64_t c) const { return head_[c] == kNil; }
+  uint64_t LastKey(uint64_t c) const;  // 0 if none
+  // First exception with key >= key.
+  std::optional<Exception> FirstAtOrAfter(uint64_t c, uint64_t key) const;
+  void Append(uint64_t c, Exception e);  // e.key > LastKey(c)
+  void Load(uint64_t c, std::vector<Exception>& out) const;
+  void Store(uint64_t c, const std::vector<Exception>& v);
+  uint64_t chunks() const { return head_.size(); }
+  // Largest slot number the index can hold.
+  static constexpr uint64_t kMaxSlot = UINT32_MAX - 1;
+
+ private:
+  static constexpr uint32_t kNil = UINT32_MAX;
+  static constexpr uint32_t kZero32 = UINT32_MAX;
+  struct Node {
+    uint64_t key;
+    uint32_t slot;  // kZero32: zeros
+    uint32_t next;
+  };
+  static_assert(sizeof(Node) == 16);
+  uint32_t NewNode(Exception e);
+  std::vector<uint32_t> head_;
+  std::vector<Node> nodes_;
+  std::vector<uint32_t> free_;
+};
+
 struct Snap {
   SnapshotInfo info;
   Uuid uuid{};
@@ -97,8 +130,8 @@ class State {
   Bitmap& copied() { return copied_; }
   // True if a write to chunk c must first preserve it for the newest snapshot.
   bool NeedsCopy(uint64_t c) const { return newest_valid_ != 0 && !copied_.Test(c); }
-  // First exception of c with key >= seq, or nullptr.
-  const Exception* Lookup(uint64_t c, uint64_t seq) const;
+  // First exception of c with key >= seq, if any.
+  std::optional<Exception> Lookup(uint64_t c, uint64_t seq) const { return exc_.FirstAtOrAfter(c, seq); }
   // Adds (c, key=newest_valid, slot). Requires NeedsCopy(c).
   void AddException(uint64_t c, uint64_t slot);
   // Adds (c, key, slot) after a copy that began when `key` was newest. False
@@ -145,7 +178,8 @@ class State {
   std::set<uint64_t> persistent_valid_;
   uint64_t newest_valid_ = 0;
   uint64_t next_seq_ = 1;
-  std::unordered_map<uint64_t, std::vector<Exception>> exc_;
+  ExceptionIndex exc_;
+  std::vector<Exception> scratch_;
   uint64_t exception_count_ = 0;
   Bitmap free_, free_at_newest_, copied_;
   // slot allocation

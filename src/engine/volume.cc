@@ -576,8 +576,8 @@ Status VolumeImpl::PreserveChunks(uint64_t c0, uint64_t c1) {
 Status VolumeImpl::ReserveSlots(std::unique_lock<std::mutex>& l, uint64_t n) {
   for (;;) {
     if (state_.newest_valid() == 0) return Status::Ok();
-    uint64_t max = MaxSlots();
-    if (max == UINT64_MAX || state_.slots_in_use() + n <= max) return Status::Ok();
+    uint64_t max = std::min<uint64_t>(MaxSlots(), ExceptionIndex::kMaxSlot);
+    if (state_.slots_in_use() + n <= max) return Status::Ok();
     if (cfg_.protection == ProtectionLevel::kSnapshot)
       return Status::NoSpace("shadow storage of " + cfg_.origin_path + " is full (maximum " +
                              cfg_.max_size.ToString() +
@@ -987,8 +987,8 @@ Status VolumeImpl::ReadSnapshot(const std::string& id, uint64_t off, std::span<s
       auto it = state_.snaps().find(seq);
       if (it == state_.snaps().end()) return Status::NotFound("snapshot " + id + " was deleted");
       if (!it->second.info.valid) return InvalidStatus(it->second.info);
-      const Exception* e = state_.Lookup(c, seq);
-      if (e != nullptr) {
+      auto e = state_.Lookup(c, seq);
+      if (e) {
         src = e->slot == kZeroSlot ? kZero : kSlot;
         slot = e->slot;
       } else {
@@ -1016,7 +1016,7 @@ Result<std::vector<Extent>> VolumeImpl::SnapshotExtents(const std::string& id) {
   if (!s->info.valid) return InvalidStatus(s->info);
   std::vector<Extent> out;
   for (uint64_t c = 0; c < state_.num_chunks(); ++c) {
-    const Exception* e = state_.Lookup(c, s->info.seq);
+    auto e = state_.Lookup(c, s->info.seq);
     bool allocated = e ? e->slot != kZeroSlot : !state_.free_at_newest().Test(c);
     if (!allocated) continue;
     uint64_t o = c << shift_;
