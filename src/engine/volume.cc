@@ -431,8 +431,11 @@ Status VolumeImpl::Write(uint64_t off, std::span<const std::byte> buf, bool fua)
     UMBRA_RETURN_IF_ERROR(OriginWrite(pos, buf.subspan(pos - off, run_end - pos)));
     pos = run_end;
   }
-  if (fua) return Flush();
-  return Status::Ok();
+  if (!fua) return Status::Ok();
+  // FUA: this write (and any ALLOC record it appended) durable now. Not via
+  // Flush(), which would take gate_ a second time.
+  UMBRA_RETURN_IF_ERROR(origin_->Sync());
+  return SyncFreeMap();
 }
 
 Status VolumeImpl::PreserveChunks(uint64_t c0, uint64_t c1) {
@@ -730,26 +733,28 @@ Status VolumeImpl::WriteZeroes(uint64_t off, uint64_t len) {
 Status VolumeImpl::Flush() {
   std::shared_lock g(gate_);
   UMBRA_RETURN_IF_ERROR(origin_->Sync());
+  UMBRA_RETURN_IF_ERROR(SyncFreeMap());
+  g.unlock();
+  return MaybeRotate();
+}
+
+Status VolumeImpl::SyncFreeMap() {
   std::shared_ptr<Journal> jnl;
   {
     std::lock_guard l(meta_mu_);
     jnl = journal_;
   }
   Status s = jnl->SyncAll();  // rule 5: FREE/ALLOC records
-  if (!s.ok()) {
-    if (cfg_.protection == ProtectionLevel::kSnapshot) return s;
-    {
-      std::unique_lock l(meta_mu_);
-      if (state_.newest_valid() != 0)
-        InvalidateAllLocked(l, InvalidCause::kStorageIOError, s.message());
-    }
-    // The free map could not be made durable. Once the store is retired a
-    // crash starts from an empty free map, which is safe; if even that
-    // fails the flush cannot be promised.
-    UMBRA_RETURN_IF_ERROR(Retire(s));
+  if (s.ok()) return s;
+  if (cfg_.protection == ProtectionLevel::kSnapshot) return s;
+  {
+    std::unique_lock l(meta_mu_);
+    if (state_.newest_valid() != 0) InvalidateAllLocked(l, InvalidCause::kStorageIOError, s.message());
   }
-  g.unlock();
-  return MaybeRotate();
+  // The free map could not be made durable. Once the store is retired a
+  // crash starts from an empty free map, which is safe; if even that fails
+  // durability cannot be promised.
+  return Retire(s);
 }
 
 // ------------------------------------------------------------ copier --

@@ -138,6 +138,9 @@ class VolumeImpl final : public Volume {
   // starts afresh (no snapshots, empty free map) instead of trusting
   // metadata that could not be kept up to date. OK if it could be done.
   Status Retire(const Status& why);
+  // Makes FREE/ALLOC records durable (flush, FUA); on failure invalidates
+  // snapshots and retires the store (protection kVolume).
+  Status SyncFreeMap();
   Status RotateLocked();  // admin_mu_ held
   Status MaybeRotate();
 
