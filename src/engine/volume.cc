@@ -145,20 +145,33 @@ uint64_t VolumeImpl::MaxSlots() {
 
 // ---------------------------------------------------------------- set-up --
 
-Status VolumeImpl::InitNew() {
-  auto j = Journal::Create(env_, cfg_.shadow_dir, uuid_, 1, 1);
+Result<std::shared_ptr<Journal>> VolumeImpl::NewJournal(uint64_t gen, uint64_t first_lsn) {
+  auto j = Journal::Create(env_, cfg_.shadow_dir, uuid_, gen, first_lsn);
   if (!j.ok()) return j.status();
-  journal_ = std::move(j).value();
-  journal_->set_before_write([this] { return data_->Sync(); });
-  std::vector<std::byte> body;
-  state_.Serialize(ConfigRecord(), body);
+  std::shared_ptr<Journal> jnl = std::move(j).value();
+  jnl->set_before_write([this] { return data_->Sync(); });  // rule 1
+  return jnl;
+}
+
+CheckpointHeader VolumeImpl::Header(uint64_t gen, uint64_t next_lsn) const {
   CheckpointHeader h;
   h.volume_uuid = uuid_;
   h.volume_size = size_;
   h.chunk_size = cfg_.chunk_size;
-  h.journal_gen = 1;
-  h.next_lsn = 1;
-  UMBRA_RETURN_IF_ERROR(WriteCheckpoint(env_, cfg_.shadow_dir, h, body));
+  h.journal_gen = gen;
+  h.next_lsn = next_lsn;
+  return h;
+}
+
+Status VolumeImpl::StartGeneration(uint64_t gen, uint64_t first_lsn) {
+  UMBRA_ASSIGN_OR_RETURN(journal_, NewJournal(gen, first_lsn));
+  std::vector<std::byte> body;
+  state_.Serialize(ConfigRecord(), body);
+  return WriteCheckpoint(env_, cfg_.shadow_dir, Header(gen, first_lsn), body);
+}
+
+Status VolumeImpl::InitNew() {
+  UMBRA_RETURN_IF_ERROR(StartGeneration(1, 1));
   ready_ = true;
   return Status::Ok();
 }
@@ -195,19 +208,7 @@ Status VolumeImpl::Recover() {
   state_.FinishRecovery(freed);
   UpdateCowActive();
   // Only now, with everything validated, write: a fresh generation + checkpoint.
-  auto j = Journal::Create(env_, cfg_.shadow_dir, uuid_, res->last_gen + 1, res->next_lsn);
-  if (!j.ok()) return j.status();
-  journal_ = std::move(j).value();
-  journal_->set_before_write([this] { return data_->Sync(); });
-  std::vector<std::byte> body;
-  state_.Serialize(ConfigRecord(), body);
-  CheckpointHeader h;
-  h.volume_uuid = uuid_;
-  h.volume_size = size_;
-  h.chunk_size = cfg_.chunk_size;
-  h.journal_gen = journal_->generation();
-  h.next_lsn = res->next_lsn;
-  UMBRA_RETURN_IF_ERROR(WriteCheckpoint(env_, cfg_.shadow_dir, h, body));
+  UMBRA_RETURN_IF_ERROR(StartGeneration(res->last_gen + 1, res->next_lsn));
   for (uint64_t g = res->header.journal_gen; g <= res->last_gen; ++g)
     env_->Remove(cfg_.shadow_dir + "/" + JournalName(g)).IgnoreError();
   env_->Remove(cfg_.shadow_dir + "/" + kCheckpointTmpName).IgnoreError();
@@ -1125,23 +1126,12 @@ Status VolumeImpl::RotateLocked() {
     old_gen = journal_->generation();
     // (a) the current journal is complete; a failed one is abandoned (its
     // durable prefix is still replayed, the new checkpoint supersedes it).
-    Status s = journal_->SyncAll();
+    journal_->SyncAll().IgnoreError();  // on failure its unsynced tail is lost: see above
     uint64_t next = journal_->next_lsn();
-    // (b) new generation.
-    // If it failed, its unsynced tail is lost and the chain from the old
-    // checkpoint ends there; the checkpoint written below supersedes it.
-    s.IgnoreError();
-    UMBRA_ASSIGN_OR_RETURN(auto nj,
-                           Journal::Create(env_, cfg_.shadow_dir, uuid_, old_gen + 1, next));
-    nj->set_before_write([this] { return data_->Sync(); });
-    // (c) switch.
-    journal_ = std::move(nj);
+    // (b) new generation, (c) switch to it.
+    UMBRA_ASSIGN_OR_RETURN(journal_, NewJournal(old_gen + 1, next));
     state_.Serialize(ConfigRecord(), body);
-    h.volume_uuid = uuid_;
-    h.volume_size = size_;
-    h.chunk_size = cfg_.chunk_size;
-    h.journal_gen = old_gen + 1;
-    h.next_lsn = next;
+    h = Header(old_gen + 1, next);
   }
   // (d) checkpoint, then (e) old journals go.
   UMBRA_RETURN_IF_ERROR(data_->Sync());

@@ -112,6 +112,10 @@ class VolumeImpl final : public Volume {
   uint64_t ChunkOf(uint64_t off) const { return off >> shift_; }
   std::shared_mutex& Stripe(uint64_t c) { return stripes_[c % stripes_.size()]; }
   Record ConfigRecord() const;
+  Result<std::shared_ptr<Journal>> NewJournal(uint64_t gen, uint64_t first_lsn);
+  CheckpointHeader Header(uint64_t gen, uint64_t next_lsn) const;
+  // New journal generation + checkpoint of the current state (open, create).
+  Status StartGeneration(uint64_t gen, uint64_t first_lsn);
   uint64_t MaxSlots();
   std::shared_ptr<Journal> journal();
   void UpdateCowActive();
