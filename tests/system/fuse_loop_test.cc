@@ -445,11 +445,16 @@ void FuseLoopTest::RunFilesystemOracle(const std::string& kind) {
     EXPECT_EQ(load.error(), "");
     EXPECT_GT(load.ops(), 20u) << "the load barely ran";
     EXPECT_GT(live_->discards, discards_before) << "fstrim did not reach the engine";
-    std::printf("[          ] %s: %llu load operations, %llu flushes, %llu discards (%llu MiB)\n",
-                kind.c_str(), static_cast<unsigned long long>(load.ops()),
-                static_cast<unsigned long long>(live_->flushes.load()),
-                static_cast<unsigned long long>(live_->discards.load()),
-                static_cast<unsigned long long>(live_->discarded_bytes.load() / kMiB));
+    std::printf(
+        "[          ] %s: %llu load operations; device saw %llu writes (%llu FUA), %llu flushes, "
+        "%llu discards (%llu MiB), %llu write-zeroes\n",
+        kind.c_str(), static_cast<unsigned long long>(load.ops()),
+        static_cast<unsigned long long>(live_->writes.load()),
+        static_cast<unsigned long long>(live_->fua_writes.load()),
+        static_cast<unsigned long long>(live_->flushes.load()),
+        static_cast<unsigned long long>(live_->discards.load()),
+        static_cast<unsigned long long>(live_->discarded_bytes.load() / kMiB),
+        static_cast<unsigned long long>(live_->write_zeroes.load()));
   }
   EXPECT_GT(live_->flushes, 0u) << "fsync never reached the engine";
   ExpectServedByIoFlushers(live_->calls, live_->flusher_calls);
