@@ -97,6 +97,7 @@ VolumeImpl::VolumeImpl(Env* env, VolumeConfig cfg, Uuid uuid, uint64_t size,
       data_(std::move(data)),
       pool_(cfg_.chunk_size),
       run_pool_(std::max<size_t>(cfg_.chunk_size, 1 << 20)),
+      zeros_(cfg_.chunk_size),
       state_((size + cfg_.chunk_size - 1) / cfg_.chunk_size, cfg_.chunk_size) {
   // Several copiers so that concurrent writers' copies (and, for persistent
   // snapshots, their syncs) overlap; the journal batches their syncs.
@@ -689,10 +690,9 @@ Status VolumeImpl::Discard(uint64_t off, uint64_t len) {
   uint64_t end_full = (off + len) == size_ ? ((size_ + cfg_.chunk_size - 1) >> shift_)
                                            : ((off + len) >> shift_);
   auto zero_range = [&](uint64_t zoff, uint64_t zlen) -> Status {
-    std::vector<std::byte> zeros(std::min<uint64_t>(zlen, cfg_.chunk_size));
-    for (uint64_t done = 0; done < zlen; done += zeros.size()) {
-      uint64_t n = std::min<uint64_t>(zeros.size(), zlen - done);
-      UMBRA_RETURN_IF_ERROR(Write(zoff + done, std::span(zeros.data(), n), false));
+    for (uint64_t done = 0; done < zlen; done += zeros_.size()) {
+      uint64_t n = std::min<uint64_t>(zeros_.size(), zlen - done);
+      UMBRA_RETURN_IF_ERROR(Write(zoff + done, std::span(zeros_.data(), n), false));
     }
     return Status::Ok();
   };

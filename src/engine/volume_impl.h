@@ -162,6 +162,7 @@ class VolumeImpl final : public Volume {
   std::unique_ptr<File> data_;
   BufferPool pool_;      // one chunk
   BufferPool run_pool_;  // runs of chunks up to 1 MiB
+  const std::vector<std::byte> zeros_;  // one chunk of zeros (partial discards)
 
   std::mutex admin_mu_;
   std::shared_mutex gate_;
