@@ -12,6 +12,7 @@ PACKAGES=(
   build-essential g++ cmake ninja-build pkg-config git
   libgtest-dev libgmock-dev libbenchmark-dev zlib1g-dev
   clang-format
+  nlohmann-json3-dev libcli11-dev libtomlplusplus-dev libsystemd-dev
   fio e2fsprogs xfsprogs util-linux procps
   libfuse3-dev fuse3
   python3
