@@ -372,7 +372,9 @@ Status VolumeImpl::Write(uint64_t off, std::span<const std::byte> buf, bool fua)
   }
 
   // Slow path: lock the stripes of every chunk touched, in order.
-  std::vector<size_t> idx;
+  // Reused per thread: no allocation on the write path in steady state.
+  thread_local std::vector<size_t> idx;
+  idx.clear();
   for (uint64_t c = c0; c <= c1; ++c) idx.push_back(c % stripes_.size());
   std::sort(idx.begin(), idx.end());
   idx.erase(std::unique(idx.begin(), idx.end()), idx.end());
@@ -389,7 +391,8 @@ Status VolumeImpl::Write(uint64_t off, std::span<const std::byte> buf, bool fua)
 
   // Free chunks: write whole chunks (zeros around the data) so a chunk never
   // reads stale bytes once it stops being free (rule 6); then clear the bit.
-  std::vector<uint64_t> was_free;
+  thread_local std::vector<uint64_t> was_free;
+  was_free.clear();
   for (uint64_t c = c0; c <= c1; ++c)
     if (state_.free_map().Test(c)) was_free.push_back(c);
   if (!was_free.empty()) {
