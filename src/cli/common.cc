@@ -2,6 +2,7 @@
 // validation and table output. See cli.h.
 #include <CLI/CLI.hpp>
 #include <algorithm>
+#include <cerrno>
 #include <ctime>
 #include <filesystem>
 #include <iostream>
@@ -20,6 +21,10 @@ Reply Context::Call(const std::string& op, const Json& args) {
     if (!c.ok()) {
       r.code = c.status().code() == Code::kNotFound ? kCodeNotRunning : "io_error";
       r.message = c.status().message();
+      if (c.status().err() == EACCES || c.status().err() == EPERM) {
+        r.code = "permission_denied";
+        r.message += " (umbra needs root or membership in umbrad's admin group)";
+      }
       return r;
     }
     client_.emplace(std::move(*c));

@@ -99,7 +99,7 @@ int List(Context& ctx, const SnapshotArgs& a) {
     std::cout << t.Render();
     for (const Json& s : snaps)
       if (State(s) != "valid" && s.contains("message") && s["message"].is_string())
-        ctx.Warn("snapshot " + Text(s, "id") + ": " + s["message"].get<std::string>());
+        ctx.Warn(s["message"].get<std::string>());
   });
 }
 

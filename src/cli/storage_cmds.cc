@@ -46,8 +46,8 @@ void WarnIfFull(const Context& ctx, const Json& s) {
   const std::string level = WarningLevel(s);
   if (level.empty()) return;
   ctx.Warn("shadow storage of volume '" + Text(s, "volume", "?") + "' is " + Percent(s) +
-           " full (at or over " + level + " of " + Maximum(s) +
-           "); the oldest snapshots are deleted when it fills");
+           " full (warning level " + level + ", maximum " + BytesText(s, "max", "unbounded") +
+           "); when it is full the oldest snapshots are deleted");
 }
 
 void PrintStorage(const Context& ctx, const Json& list) {
