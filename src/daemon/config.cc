@@ -1,0 +1,55 @@
+#include "daemon/config.h"
+
+#include <toml++/toml.h>
+
+#include <set>
+#include <sstream>
+
+namespace umbra::daemon {
+
+Status LoadConfigFile(const std::string& path, Config* cfg) {
+  toml::table tbl;
+  try {
+    tbl = toml::parse_file(path);
+  } catch (const toml::parse_error& e) {
+    std::ostringstream msg;
+    if (e.source().begin.line == 0) {
+      msg << "cannot read config file " << path << ": " << e.description();
+    } else {
+      msg << "config file " << path << " line " << e.source().begin.line << ": "
+          << e.description();
+    }
+    return Status::InvalidArgument(msg.str());
+  }
+  static const std::set<std::string, std::less<>> kKeys = {"state_dir", "socket", "fuse_dir",
+                                                           "admin_group", "copy_timeout_ms"};
+  for (const auto& [key, node] : tbl) {
+    if (!kKeys.count(key.str()))
+      return Status::InvalidArgument("config file " + path + ": unknown key '" +
+                                     std::string(key.str()) + "'");
+  }
+  auto str = [&](const char* key, std::string* out) -> Status {
+    const toml::node* n = tbl.get(key);
+    if (n == nullptr) return Status::Ok();
+    auto v = n->value<std::string>();
+    if (!v || v->empty())
+      return Status::InvalidArgument("config file " + path + ": '" + key +
+                                     "' must be a non-empty string");
+    *out = *v;
+    return Status::Ok();
+  };
+  UMBRA_RETURN_IF_ERROR(str("state_dir", &cfg->state_dir));
+  UMBRA_RETURN_IF_ERROR(str("socket", &cfg->socket));
+  UMBRA_RETURN_IF_ERROR(str("fuse_dir", &cfg->fuse_dir));
+  UMBRA_RETURN_IF_ERROR(str("admin_group", &cfg->admin_group));
+  if (const toml::node* n = tbl.get("copy_timeout_ms")) {
+    auto v = n->value<int64_t>();
+    if (!v || *v < 1 || *v > 3'600'000)
+      return Status::InvalidArgument("config file " + path +
+                                     ": 'copy_timeout_ms' must be an integer from 1 to 3600000");
+    cfg->copy_timeout_ms = static_cast<uint32_t>(*v);
+  }
+  return Status::Ok();
+}
+
+}  // namespace umbra::daemon

@@ -1,0 +1,29 @@
+// umbrad configuration: defaults, the TOML config file, command-line flags.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include "umbra/status.h"
+
+namespace umbra::daemon {
+
+struct Config {
+  std::string state_dir = "/var/lib/umbra";
+  std::string socket = "/run/umbra/umbrad.sock";
+  std::string fuse_dir = "/run/umbra/dev";
+  // Members of this group (besides root) may make every request.
+  std::string admin_group;
+  // A copy to shadow storage slower than this invalidates the snapshots.
+  uint32_t copy_timeout_ms = 10'000;
+  bool foreground = false;
+};
+
+inline constexpr const char* kDefaultConfigFile = "/etc/umbra/umbrad.toml";
+
+// Reads the TOML file at `path` into *cfg (keys: state_dir, socket, fuse_dir,
+// admin_group, copy_timeout_ms). An unknown key, a wrong type or a syntax
+// error fails with kInvalidArgument naming the file, line and key.
+Status LoadConfigFile(const std::string& path, Config* cfg);
+
+}  // namespace umbra::daemon

@@ -1,0 +1,148 @@
+// Daemon: the state umbrad serves (volumes, snapshots, attachments, mounts)
+// and the handlers of every control-protocol operation
+// (docs/protocol/control.md).
+//
+// Threading: connection threads call Handle() concurrently; every operation
+// runs under one admin mutex (operations are rare and short; the slow ones,
+// revert and mount, block other admin operations but never block I/O). Block
+// I/O never takes that mutex: FUSE serving threads go straight to the
+// devices, which take only their VolumeHolder's shared_mutex.
+//
+// Ownership: for each attachment the daemon owns the BlockDevice, the FUSE
+// file that serves it and the loop device on that file; they are torn down
+// in the reverse order (loop, file, device).
+#pragma once
+
+#include <sys/types.h>
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "control/protocol.h"
+#include "daemon/config.h"
+#include "daemon/devices.h"
+#include "daemon/registry.h"
+#include "frontend/fuse/fuse_export.h"
+#include "frontend/loop_device.h"
+
+namespace umbra::daemon {
+
+using control::Json;
+
+// Who is on the other end of a connection.
+struct Peer {
+  uint64_t conn_id = 0;
+  uid_t uid = 0;
+  bool allowed = false;  // root or a member of admin_group
+};
+
+class Daemon {
+ public:
+  explicit Daemon(Config cfg);
+  ~Daemon();
+  Daemon(const Daemon&) = delete;
+  Daemon& operator=(const Daemon&) = delete;
+
+  // Creates the state directories, cleans up after a crash (dead FUSE
+  // mount, loop devices and snapshot mounts it left), opens every registered
+  // volume, reconciles snapshot sets and mounts the FUSE export.
+  Status Start();
+  // Unmounts the snapshot mounts it made, detaches its loop devices,
+  // unmounts FUSE and closes every volume. Idempotent.
+  void Stop();
+
+  // Answers one request (a parsed frame). Never throws.
+  Json Handle(const Json& request, const Peer& peer);
+  // The connection `conn_id` closed: deletes its release_on_disconnect
+  // snapshots.
+  void OnDisconnect(uint64_t conn_id);
+
+  const Config& config() const { return cfg_; }
+
+ private:
+  struct VolumeEntry {
+    VolumeRecord rec;
+    std::unique_ptr<VolumeHolder> holder = std::make_unique<VolumeHolder>();
+    std::string unavailable;  // why the volume could not be opened ("" if open)
+    std::unique_ptr<BlockDevice> live_dev;
+    LoopDevice live_loop;  // attached when live_loop.attached()
+  };
+  struct SnapshotAttachment {
+    std::string volume;
+    std::string file;  // name on the FUSE mount
+    std::unique_ptr<BlockDevice> dev;
+    LoopDevice loop;
+  };
+  struct SnapshotMount {
+    std::string volume;
+    std::string dir;
+    bool created_dir = false;
+    std::string file;
+    std::string fstype;
+    std::unique_ptr<BlockDevice> dev;  // overlay over the snapshot
+    LoopDevice loop;
+  };
+
+  using Handler = Result<Json> (Daemon::*)(const Json& args, const Peer& peer);
+  Result<Json> Dispatch(const std::string& op, const Json& args, const Peer& peer);
+
+  Result<Json> OpHello(const Json& args, const Peer& peer);
+  Result<Json> OpStatus(const Json& args, const Peer& peer);
+  Result<Json> OpVolumeCreate(const Json& args, const Peer& peer);
+  Result<Json> OpVolumeAdopt(const Json& args, const Peer& peer);
+  Result<Json> OpVolumeAttach(const Json& args, const Peer& peer);
+  Result<Json> OpVolumeDetach(const Json& args, const Peer& peer);
+  Result<Json> OpVolumeList(const Json& args, const Peer& peer);
+  Result<Json> OpVolumeDelete(const Json& args, const Peer& peer);
+  Result<Json> OpStorageAdd(const Json& args, const Peer& peer);
+  Result<Json> OpStorageResize(const Json& args, const Peer& peer);
+  Result<Json> OpStorageDelete(const Json& args, const Peer& peer);
+  Result<Json> OpStorageList(const Json& args, const Peer& peer);
+  Result<Json> OpSnapshotCreate(const Json& args, const Peer& peer);
+  Result<Json> OpSnapshotList(const Json& args, const Peer& peer);
+  Result<Json> OpSnapshotDelete(const Json& args, const Peer& peer);
+  Result<Json> OpSnapshotAttach(const Json& args, const Peer& peer);
+  Result<Json> OpSnapshotDetach(const Json& args, const Peer& peer);
+  Result<Json> OpSnapshotMount(const Json& args, const Peer& peer);
+  Result<Json> OpSnapshotUnmount(const Json& args, const Peer& peer);
+  Result<Json> OpSnapshotRevert(const Json& args, const Peer& peer);
+  Result<Json> OpProviderList(const Json& args, const Peer& peer);
+
+  // Helpers; all need mu_.
+  Result<VolumeEntry*> FindVolume(const std::string& name);
+  Result<VolumeEntry*> FindOpenVolume(const std::string& name);
+  // The volume holding snapshot `id`.
+  Result<VolumeEntry*> FindSnapshot(const std::string& id, SnapshotInfo* info);
+  Json VolumeObject(VolumeEntry& v);
+  Json StorageObject(VolumeEntry& v);
+  Json SnapshotObject(const VolumeEntry& v, const SnapshotInfo& s);
+  Status SaveRegistryLocked();
+  VolumeConfig EngineConfig(const VolumeRecord& rec) const;
+  Result<Json> AddVolume(VolumeRecord rec, const std::string& created_file);
+  // Moves shadow storage of `v` to `dir` (no snapshots allowed).
+  Status MoveStorage(VolumeEntry& v, const std::string& dir, const MaxSize& max);
+  Status DeleteSnapshotLocked(VolumeEntry& v, const std::string& id);
+  Status DetachSnapshotLocked(const std::string& id, bool force);
+  Status UnmountSnapshotLocked(const std::string& id, bool lazy);
+  Status DetachVolumeLocked(VolumeEntry& v, bool force);
+  Status SaveMountPoints();
+  void Reconcile();
+  std::string DefaultStorage(const std::string& uuid) const;
+
+  const Config cfg_;
+  std::mutex mu_;
+  bool started_ = false;
+  std::map<std::string, std::unique_ptr<VolumeEntry>> volumes_;            // by name
+  std::map<std::string, std::unique_ptr<SnapshotAttachment>> snap_attach_;  // by id
+  std::map<std::string, std::unique_ptr<SnapshotMount>> snap_mounts_;       // by id
+  std::map<uint64_t, std::set<std::string>> release_;  // conn -> snapshot ids
+  std::unique_ptr<FuseExport> export_;
+  int lock_fd_ = -1;
+};
+
+}  // namespace umbra::daemon

@@ -1,0 +1,167 @@
+#include "daemon/server.h"
+
+#include <grp.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <chrono>
+#include <cstring>
+#include <filesystem>
+#include <vector>
+
+#include "daemon/log.h"
+
+namespace umbra::daemon {
+
+Status Server::Start(const std::string& path, const std::string& admin_group) {
+  path_ = path;
+  if (!admin_group.empty()) {
+    struct group* g = ::getgrnam(admin_group.c_str());
+    if (g == nullptr)
+      return Status::InvalidArgument("admin_group '" + admin_group + "' does not exist");
+    admin_gid_ = g->gr_gid;
+  }
+  sockaddr_un addr{};
+  addr.sun_family = AF_UNIX;
+  if (path.size() >= sizeof(addr.sun_path))
+    return Status::InvalidArgument("socket path " + path + " is too long");
+  std::memcpy(addr.sun_path, path.c_str(), path.size() + 1);
+  const std::string parent = std::filesystem::path(path).parent_path();
+  if (!parent.empty()) {
+    std::error_code ec;
+    std::filesystem::create_directories(parent, ec);
+    if (ec) return Status(Code::kIOError, "cannot create " + parent + ": " + ec.message());
+  }
+  struct stat st;
+  if (::lstat(path.c_str(), &st) == 0) {
+    if (!S_ISSOCK(st.st_mode))
+      return Status::AlreadyExists(path + " exists and is not a socket; refusing to replace it");
+    // The state-directory lock already proved no other umbrad serves our
+    // state; a socket left behind by a crash is stale.
+    ::unlink(path.c_str());
+  }
+  listen_fd_ = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (listen_fd_ < 0) return Status::FromErrno(errno, "socket");
+  const mode_t old = ::umask(0117);
+  int rc = ::bind(listen_fd_, reinterpret_cast<sockaddr*>(&addr), sizeof addr);
+  int e = errno;
+  ::umask(old);
+  if (rc != 0) return Status::FromErrno(e, "bind " + path);
+  if (admin_gid_ && ::chown(path.c_str(), 0, *admin_gid_) != 0)
+    LogWarning("cannot give " + path + " to group " + admin_group + ": " + std::strerror(errno));
+  ::chmod(path.c_str(), 0660);
+  if (::listen(listen_fd_, 64) != 0) return Status::FromErrno(errno, "listen " + path);
+  accept_thread_ = std::thread([this] { AcceptLoop(); });
+  LogInfo("listening on " + path);
+  return Status::Ok();
+}
+
+void Server::Stop() {
+  {
+    std::unique_lock l(mu_);
+    if (stopping_) return;
+    stopping_ = true;
+    if (listen_fd_ >= 0) ::shutdown(listen_fd_, SHUT_RDWR);
+    for (auto& [id, fd] : conns_) ::shutdown(fd, SHUT_RDWR);
+  }
+  if (accept_thread_.joinable()) accept_thread_.join();
+  if (listen_fd_ >= 0) {
+    ::close(listen_fd_);
+    listen_fd_ = -1;
+    ::unlink(path_.c_str());
+  }
+  std::unique_lock l(mu_);
+  cv_.wait(l, [&] { return conns_.empty(); });
+}
+
+void Server::AcceptLoop() {
+  for (;;) {
+    int fd = ::accept4(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC);
+    if (fd < 0) {
+      if (errno == EINTR || errno == ECONNABORTED) continue;
+      std::lock_guard l(mu_);
+      if (stopping_) return;
+      if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM) {
+        LogWarning(std::string("accept: ") + std::strerror(errno));
+        std::this_thread::sleep_for(std::chrono::milliseconds(100));
+        continue;
+      }
+      LogError(std::string("accept failed: ") + std::strerror(errno));
+      return;
+    }
+    std::unique_lock l(mu_);
+    if (stopping_) {
+      ::close(fd);
+      return;
+    }
+    if (conns_.size() >= kMaxConnections) {
+      l.unlock();
+      control::WriteFrame(fd, Json{{"id", nullptr},
+                                   {"ok", false},
+                                   {"error",
+                                    {{"code", "busy"},
+                                     {"message", "umbrad has too many connections (" +
+                                                     std::to_string(kMaxConnections) +
+                                                     "); try again later"}}}})
+          .IgnoreError();
+      ::close(fd);
+      continue;
+    }
+    const uint64_t id = next_conn_++;
+    conns_[id] = fd;
+    std::thread([this, fd, id] { Serve(fd, id); }).detach();
+  }
+}
+
+void Server::Serve(int fd, uint64_t conn_id) {
+  Peer peer;
+  peer.conn_id = conn_id;
+  ucred cred{};
+  socklen_t len = sizeof cred;
+  bool creds = ::getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) == 0;
+  if (creds) {
+    peer.uid = cred.uid;
+    peer.allowed = cred.uid == 0;
+    if (!peer.allowed && admin_gid_) {
+      if (cred.gid == *admin_gid_) peer.allowed = true;
+      std::vector<gid_t> groups(256);
+      socklen_t glen = static_cast<socklen_t>(groups.size() * sizeof(gid_t));
+      if (::getsockopt(fd, SOL_SOCKET, SO_PEERGROUPS, groups.data(), &glen) == 0) {
+        groups.resize(glen / sizeof(gid_t));
+        for (gid_t g : groups)
+          if (g == *admin_gid_) peer.allowed = true;
+      }
+    }
+  } else {
+    peer.uid = static_cast<uid_t>(-1);
+  }
+  for (;;) {
+    auto req = control::ReadFrame(fd);
+    if (!req.ok()) {
+      if (req.status().code() != Code::kNotFound) {
+        control::WriteFrame(fd, Json{{"id", nullptr},
+                                     {"ok", false},
+                                     {"error",
+                                      {{"code", "protocol"},
+                                       {"message", req.status().message() +
+                                                       "; closing the connection"}}}})
+            .IgnoreError();
+        LogWarning("connection " + std::to_string(conn_id) + " (uid " +
+                   std::to_string(peer.uid) + ") closed: " + req.status().message());
+      }
+      break;
+    }
+    Json resp = daemon_->Handle(*req, peer);
+    if (!control::WriteFrame(fd, resp).ok()) break;
+  }
+  daemon_->OnDisconnect(conn_id);
+  std::lock_guard l(mu_);
+  ::close(fd);
+  conns_.erase(conn_id);
+  cv_.notify_all();
+}
+
+}  // namespace umbra::daemon
