@@ -35,9 +35,11 @@ struct CliRun {
   std::string err;
 };
 
-// Runs the umbra binary with `args`; stdin is /dev/null. UMBRA_SOCKET is
-// removed from the environment unless `socket_env` is given.
-inline CliRun RunUmbra(const std::vector<std::string>& args, const std::string& socket_env = "") {
+// Runs the umbra binary with `args`; stdin is /dev/null, or `stdin_fd` if
+// given. UMBRA_SOCKET is removed from the environment unless `socket_env`
+// is given.
+inline CliRun RunUmbra(const std::vector<std::string>& args, const std::string& socket_env = "",
+                       int stdin_fd = -1) {
   std::vector<std::string> argv_s{UMBRA_CLI_PATH};
   argv_s.insert(argv_s.end(), args.begin(), args.end());
   std::vector<char*> argv;
@@ -56,7 +58,11 @@ inline CliRun RunUmbra(const std::vector<std::string>& args, const std::string& 
   if (pipe2(out, O_CLOEXEC) != 0 || pipe2(err, O_CLOEXEC) != 0) return {};
   posix_spawn_file_actions_t fa;
   posix_spawn_file_actions_init(&fa);
-  posix_spawn_file_actions_addopen(&fa, 0, "/dev/null", O_RDONLY, 0);
+  if (stdin_fd >= 0) {
+    posix_spawn_file_actions_adddup2(&fa, stdin_fd, 0);
+  } else {
+    posix_spawn_file_actions_addopen(&fa, 0, "/dev/null", O_RDONLY, 0);
+  }
   posix_spawn_file_actions_adddup2(&fa, out[1], 1);
   posix_spawn_file_actions_adddup2(&fa, err[1], 2);
   pid_t pid = -1;

@@ -89,9 +89,9 @@ class CliProtocol : public ::testing::Test {
     // without writer support.
   }
 
-  CliRun Run(std::vector<std::string> args) {
+  CliRun Run(std::vector<std::string> args, int stdin_fd = -1) {
     args.insert(args.begin(), {"--socket", server_->path()});
-    return RunUmbra(args);
+    return RunUmbra(args, "", stdin_fd);
   }
 
   // Runs the command and checks it sent exactly one request {op, args}.
@@ -231,6 +231,55 @@ TEST_F(CliProtocol, SnapshotCommandsSendDocumentedRequests) {
   Expect({"snapshot", "unmount", kId1}, "snapshot.unmount", Json{{"id", kId1}});
   // stdin is not a terminal: no confirmation asked.
   Expect({"snapshot", "revert", kId1}, "snapshot.revert", Json{{"id", kId1}});
+}
+
+// A pseudo-terminal for stdin with `typed` already waiting to be read.
+class Terminal {
+ public:
+  explicit Terminal(const std::string& typed) {
+    master_ = posix_openpt(O_RDWR | O_NOCTTY | O_CLOEXEC);
+    if (master_ < 0 || grantpt(master_) != 0 || unlockpt(master_) != 0) return;
+    slave_ = open(ptsname(master_), O_RDWR | O_NOCTTY | O_CLOEXEC);
+    if (!typed.empty()) (void)!write(master_, typed.data(), typed.size());
+  }
+  ~Terminal() {
+    for (int fd : {slave_, master_})
+      if (fd >= 0) close(fd);
+  }
+  int fd() const { return slave_; }
+
+ private:
+  int master_ = -1;
+  int slave_ = -1;
+};
+
+TEST_F(CliProtocol, RevertOnATerminalAsksFirst) {
+  {
+    Terminal tty("no\n");
+    ASSERT_GE(tty.fd(), 0);
+    server_->Clear();
+    CliRun r = Run({"snapshot", "revert", kId1}, tty.fd());
+    EXPECT_EQ(r.status, 1);
+    EXPECT_NE(r.err.find("Type 'yes'"), std::string::npos) << r.err;
+    EXPECT_NE(r.err.find("umbra: revert cancelled"), std::string::npos) << r.err;
+    EXPECT_TRUE(server_->Requests().empty());
+  }
+  {
+    Terminal tty("yes\n");
+    server_->Clear();
+    CliRun r = Run({"snapshot", "revert", kId1}, tty.fd());
+    EXPECT_EQ(r.status, 0) << r.err;
+    ASSERT_EQ(server_->Requests().size(), 1u);
+    EXPECT_EQ(server_->Requests()[0]["args"], Json({{"id", kId1}}));
+  }
+  {
+    Terminal tty("");
+    server_->Clear();
+    CliRun r = Run({"snapshot", "revert", "--yes", kId1}, tty.fd());
+    EXPECT_EQ(r.status, 0) << r.err;
+    EXPECT_EQ(r.err.find("Type 'yes'"), std::string::npos) << r.err;
+    EXPECT_EQ(server_->Requests().size(), 1u);
+  }
 }
 
 TEST_F(CliProtocol, RelativePathsAreMadeAbsolute) {
