@@ -58,7 +58,7 @@ Reply Context::Call(const std::string& op, const Json& args) {
   const Json e = j.contains("error") && j["error"].is_object() ? j["error"] : Json::object();
   r.code = e.contains("code") && e["code"].is_string() ? e["code"].get<std::string>() : "io_error";
   r.message = e.contains("message") && e["message"].is_string() ? e["message"].get<std::string>()
-                                                                  : "umbrad reported an error";
+                                                                : "umbrad reported an error";
   return r;
 }
 
@@ -152,11 +152,11 @@ CLI::App* AddGroup(CLI::App& root, const std::string& name, const std::string& s
 // ---- validation ----
 
 Status CheckName(const std::string& what, const std::string& name) {
-  const bool good = !name.empty() && name.size() <= 64 &&
-                    std::all_of(name.begin(), name.end(), [](char c) {
-                      return (c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') ||
-                             (c >= '0' && c <= '9') || c == '.' || c == '_' || c == '-';
-                    });
+  const bool good =
+      !name.empty() && name.size() <= 64 && std::all_of(name.begin(), name.end(), [](char c) {
+        return (c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') ||
+               c == '.' || c == '_' || c == '-';
+      });
   if (good) return Status::Ok();
   return Status::InvalidArgument("invalid " + what + " name '" + name +
                                  "': use 1 to 64 of the characters A-Z a-z 0-9 . _ -");

@@ -46,7 +46,8 @@ std::string Reword(const CLI::ParseError& e, CLI::App& root, const std::vector<C
   std::string msg = e.what();
   // With fallthrough, what a command did not take may sit with its parent.
   std::vector<std::string> extra = at->remaining();
-  for (auto it = chain.rbegin(); extra.empty() && it != chain.rend(); ++it) extra = (*it)->remaining();
+  for (auto it = chain.rbegin(); extra.empty() && it != chain.rend(); ++it)
+    extra = (*it)->remaining();
   if (extra.empty()) extra = root.remaining();
   if (is_group && !extra.empty() && extra.front().rfind("-", 0) != 0)
     return "unknown command '" + extra.front() + "'; one of: " + CommandNames(at);

@@ -18,21 +18,21 @@ struct SnapshotArgs {
   std::string name;
   bool no_writers = false;
   std::string writer_failure = "abort";
-  std::string id;        // ID, or ID|DIR for unmount
+  std::string id;  // ID, or ID|DIR for unmount
   std::string dir;
-  std::string oldest;    // delete --oldest VOLUME
-  std::string all;       // delete --all VOLUME
-  std::string volume;    // list [VOLUME]
+  std::string oldest;  // delete --oldest VOLUME
+  std::string all;     // delete --all VOLUME
+  std::string volume;  // list [VOLUME]
   bool yes = false;
 };
 
 // Snapshot ids are UUIDs; accept any 1-128 of [A-Za-z0-9-] and let umbrad decide.
 Status CheckId(const std::string& id) {
-  const bool good = !id.empty() && id.size() <= 128 &&
-                    std::all_of(id.begin(), id.end(), [](char c) {
-                      return (c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') ||
-                             (c >= '0' && c <= '9') || c == '-';
-                    });
+  const bool good =
+      !id.empty() && id.size() <= 128 && std::all_of(id.begin(), id.end(), [](char c) {
+        return (c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') ||
+               c == '-';
+      });
   if (good) return Status::Ok();
   return Status::InvalidArgument("invalid snapshot id '" + id + "': expected a UUID");
 }
@@ -90,8 +90,8 @@ int List(Context& ctx, const SnapshotArgs& a) {
     t.AlignRight(2);
     t.AlignRight(7);
     for (const Json& s : snaps) {
-      const bool persistent = s.contains("persistent") && s["persistent"].is_boolean() &&
-                              s["persistent"].get<bool>();
+      const bool persistent =
+          s.contains("persistent") && s["persistent"].is_boolean() && s["persistent"].get<bool>();
       t.Row({Text(s, "id"), Text(s, "volume"), Text(s, "seq"), Text(s, "name"), Created(s),
              persistent ? "persistent" : "auto-release", State(s), BytesText(s, "own_bytes"),
              Text(s, "attached_device"), Text(s, "mount")});
@@ -148,8 +148,8 @@ int Unmount(Context& ctx, const SnapshotArgs& a) {
   // A path (has a '/', or names an existing directory) is a mount point;
   // anything else is a snapshot id.
   std::error_code ec;
-  const bool is_dir = a.id.find('/') != std::string::npos ||
-                      std::filesystem::is_directory(a.id, ec);
+  const bool is_dir =
+      a.id.find('/') != std::string::npos || std::filesystem::is_directory(a.id, ec);
   Json args;
   if (is_dir) {
     args = Json{{"dir", AbsolutePath(a.id)}};
@@ -225,7 +225,8 @@ void AddSnapshotCommands(CLI::App& root, Context& ctx, Registry& reg) {
         {"umbra snapshot delete 3f2a5c1e-8d4b-4c0e-9a7f-1b2c3d4e5f60",
          "umbra snapshot delete --oldest db", "umbra snapshot delete --all db"});
     c->add_option("ID", a->id, "The snapshot to delete")->type_name("");
-    c->add_option("--oldest", a->oldest, "Delete the oldest snapshot of VOLUME")->type_name("VOLUME");
+    c->add_option("--oldest", a->oldest, "Delete the oldest snapshot of VOLUME")
+        ->type_name("VOLUME");
     c->add_option("--all", a->all, "Delete every snapshot of VOLUME")->type_name("VOLUME");
     reg.Add(c, [&ctx, a] { return Delete(ctx, *a); });
   }
@@ -235,7 +236,8 @@ void AddSnapshotCommands(CLI::App& root, Context& ctx, Registry& reg) {
         g, "attach", "Attach a snapshot as a read-only block device",
         "Serves snapshot ID as a read-only block device and prints its path alone on stdout,\n"
         "e.g. to image it with dd or qemu-img.",
-        {"dev=$(umbra snapshot attach 3f2a5c1e-8d4b-4c0e-9a7f-1b2c3d4e5f60) && dd if=$dev of=db.img"});
+        {"dev=$(umbra snapshot attach 3f2a5c1e-8d4b-4c0e-9a7f-1b2c3d4e5f60) && dd if=$dev "
+         "of=db.img"});
     c->add_option("ID", a->id, "The snapshot to attach")->required()->type_name("");
     reg.Add(c, [&ctx, a] { return Attach(ctx, *a); });
   }
@@ -266,7 +268,9 @@ void AddSnapshotCommands(CLI::App& root, Context& ctx, Registry& reg) {
         "the snapshot ID or the mount directory (a path with a '/', or an existing directory).",
         {"umbra snapshot unmount /mnt/yesterday",
          "umbra snapshot unmount 3f2a5c1e-8d4b-4c0e-9a7f-1b2c3d4e5f60"});
-    c->add_option("ID|DIR", a->id, "The snapshot id or its mount directory")->required()->type_name("");
+    c->add_option("ID|DIR", a->id, "The snapshot id or its mount directory")
+        ->required()
+        ->type_name("");
     reg.Add(c, [&ctx, a] { return Unmount(ctx, *a); });
   }
   {

@@ -65,8 +65,7 @@ int DaemonStatus(Context& ctx) {
   return ctx.Run("daemon.status", Json::object(), [&](const Json& r) {
     std::vector<std::string> order{"volumes", "snapshots", "fuse_mount", "state_dir"};
     for (auto it = r.begin(); it != r.end(); ++it)
-      if (std::find(order.begin(), order.end(), it.key()) == order.end())
-        order.push_back(it.key());
+      if (std::find(order.begin(), order.end(), it.key()) == order.end()) order.push_back(it.key());
     std::string out;
     size_t width = 0;
     for (const auto& k : order) width = std::max(width, k.size());

@@ -37,8 +37,7 @@ int Create(Context& ctx, const VolumeArgs& a) {
       return ctx.Usage("--chunk-size: " + FormatBytes(*chunk) + " is not a power of two");
     args["chunk_size"] = *chunk;
   }
-  return ctx.Run("volume.create", args,
-                 [&](const Json& v) { ctx.Note("created " + Describe(v)); });
+  return ctx.Run("volume.create", args, [&](const Json& v) { ctx.Note("created " + Describe(v)); });
 }
 
 int Adopt(Context& ctx, const VolumeArgs& a) {
@@ -107,9 +106,12 @@ void AddVolumeCommands(CLI::App& root, Context& ctx, Registry& reg) {
         "SIZE accepts 4096, 64K, 10G, 1.5GiB, ... (binary units: K = 1024).",
         {"umbra volume create db --size 10G",
          "umbra volume create scratch --size 512M --backing /srv/scratch.img --chunk-size 64K"});
-    c->add_option("NAME", a->name, "Volume name: 1-64 of A-Z a-z 0-9 . _ -")->required()->type_name("");
+    c->add_option("NAME", a->name, "Volume name: 1-64 of A-Z a-z 0-9 . _ -")
+        ->required()
+        ->type_name("");
     c->add_option("--size", a->size, "Volume size, e.g. 10G")->required()->type_name("SIZE");
-    c->add_option("--backing", a->backing, "File to store the volume in (default: in umbrad's state dir)")
+    c->add_option("--backing", a->backing,
+                  "File to store the volume in (default: in umbrad's state dir)")
         ->type_name("FILE");
     c->add_option("--chunk-size", a->chunk_size,
                   "Copy-on-write chunk size, a power of two from 4K to 4M (default 16K)")
@@ -124,7 +126,9 @@ void AddVolumeCommands(CLI::App& root, Context& ctx, Registry& reg) {
         "never formatted. Attach the volume and use its device instead of the original from then\n"
         "on: writes to the original bypass copy-on-write.",
         {"umbra volume adopt data --device /dev/sdb1"});
-    c->add_option("NAME", a->name, "Volume name: 1-64 of A-Z a-z 0-9 . _ -")->required()->type_name("");
+    c->add_option("NAME", a->name, "Volume name: 1-64 of A-Z a-z 0-9 . _ -")
+        ->required()
+        ->type_name("");
     c->add_option("--device", a->device, "The block device to protect")
         ->required()
         ->type_name("DEVICE");

@@ -17,18 +17,22 @@ const char* kId2 = "9b8a7c6d-5e4f-4a3b-8c2d-1e0f9a8b7c6d";
 const char* kSet = "0c1d2e3f-4a5b-4c6d-8e7f-8091a2b3c4d5";
 
 Json StorageObject(double percent, const Json& warning) {
-  return Json{{"volume", "db"},          {"location", "/var/lib/umbra/shadow/db"},
-              {"used", 8ull << 30},      {"allocated", 9ull << 30},
-              {"max", 10ull << 30},      {"max_size", "10 GiB"},
-              {"percent", percent},      {"warning", warning}};
+  return Json{{"volume", "db"},     {"location", "/var/lib/umbra/shadow/db"},
+              {"used", 8ull << 30}, {"allocated", 9ull << 30},
+              {"max", 10ull << 30}, {"max_size", "10 GiB"},
+              {"percent", percent}, {"warning", warning}};
 }
 
 Json VolumeObject() {
-  return Json{{"name", "db"},          {"uuid", "5d6e7f80-1a2b-4c3d-8e4f-506172839405"},
-              {"size", 10ull << 30},   {"chunk_size", 16384},
+  return Json{{"name", "db"},
+              {"uuid", "5d6e7f80-1a2b-4c3d-8e4f-506172839405"},
+              {"size", 10ull << 30},
+              {"chunk_size", 16384},
               {"origin", "/var/lib/umbra/volumes/db.img"},
-              {"kind", "file"},        {"attached", true},
-              {"device", "/dev/loop7"}, {"storage", StorageObject(12.5, nullptr)},
+              {"kind", "file"},
+              {"attached", true},
+              {"device", "/dev/loop7"},
+              {"storage", StorageObject(12.5, nullptr)},
               {"snapshots", 2}};
 }
 
@@ -73,18 +77,19 @@ class CliProtocol : public ::testing::Test {
                          {"set_id", kSet},
                          {"snapshots", Json::array({SnapshotObject(kId1, "db", 3),
                                                     SnapshotObject(kId2, "logs", 1)})}});
-    server_->Answer("snapshot.list", Json{{"snapshots", Json::array({SnapshotObject(kId1, "db", 3)})}});
+    server_->Answer("snapshot.list",
+                    Json{{"snapshots", Json::array({SnapshotObject(kId1, "db", 3)})}});
     server_->Answer("snapshot.delete", Json{{"deleted", Json::array({kId1})}});
     server_->Answer("snapshot.attach", Json{{"device", "/dev/loop9"}});
     server_->Answer("snapshot.detach", Json::object());
     server_->Answer("snapshot.mount", Json{{"dir", "/mnt/snap"}, {"device", "/dev/loop9"}});
     server_->Answer("snapshot.unmount", Json::object());
     server_->Answer("snapshot.revert", Json::object());
-    server_->Answer("provider.list",
-                    Json{{"providers", Json::array({Json{{"name", "cow"},
-                                                         {"persistent", true},
-                                                         {"writers", true},
-                                                         {"discard", true}}})}});
+    server_->Answer(
+        "provider.list",
+        Json{{"providers",
+              Json::array({Json{
+                  {"name", "cow"}, {"persistent", true}, {"writers", true}, {"discard", true}}})}});
     // writer.list: unknown to this server (protocol error), like an umbrad
     // without writer support.
   }
@@ -175,7 +180,9 @@ TEST_F(CliProtocol, StorageListWarnsAt80And90Percent) {
 
 TEST_F(CliProtocol, SnapshotCreate) {
   Expect({"snapshot", "create", "db"}, "snapshot.create",
-         Json{{"volumes", {"db"}}, {"persistent", false}, {"writers", true},
+         Json{{"volumes", {"db"}},
+              {"persistent", false},
+              {"writers", true},
               {"writer_failure", "abort"}});
   CliRun r = Expect({"snapshot", "create", "db", "logs", "--persistent", "--name", "before-upgrade",
                      "--no-writers", "--writer-failure", "ignore"},
@@ -200,7 +207,9 @@ TEST_F(CliProtocol, SnapshotCreate) {
 
 TEST_F(CliProtocol, SnapshotCreateJsonHasId) {
   CliRun r = Expect({"--json", "snapshot", "create", "db"}, "snapshot.create",
-                    Json{{"volumes", {"db"}}, {"persistent", false}, {"writers", true},
+                    Json{{"volumes", {"db"}},
+                         {"persistent", false},
+                         {"writers", true},
                          {"writer_failure", "abort"}});
   Json j = Json::parse(r.out, nullptr, false);
   ASSERT_TRUE(j.is_object()) << r.out;
@@ -304,10 +313,10 @@ TEST_F(CliProtocol, SystemCommandsSendDocumentedRequests) {
   EXPECT_EQ(r.status, 0);
   EXPECT_EQ(r.out, "no writers (writer support is not available in this umbrad)\n");
 
-  server_->Answer("writer.list",
-                  Json{{"writers", Json::array({Json{{"name", "fsfreeze"},
-                                                     {"state", "stable"},
-                                                     {"last_error", nullptr}}})}});
+  server_->Answer(
+      "writer.list",
+      Json{{"writers", Json::array({Json{
+                           {"name", "fsfreeze"}, {"state", "stable"}, {"last_error", nullptr}}})}});
   r = Run({"writer", "list"});
   EXPECT_EQ(r.status, 0);
   EXPECT_NE(r.out.find("fsfreeze"), std::string::npos) << r.out;

@@ -21,7 +21,9 @@ std::vector<std::string> Split(const std::string& s) {
   return out;
 }
 
-size_t Lines(const std::string& s) { return static_cast<size_t>(std::count(s.begin(), s.end(), '\n')); }
+size_t Lines(const std::string& s) {
+  return static_cast<size_t>(std::count(s.begin(), s.end(), '\n'));
+}
 
 struct HelpCase {
   std::string command;
@@ -30,8 +32,9 @@ struct HelpCase {
 
 TEST(CliHelp, EveryCommandHasHelp) {
   const std::vector<HelpCase> cases = {
-      {"", {"volume", "storage", "snapshot", "writer", "provider", "daemon", "--socket", "--json",
-            "--quiet", "Exit status"}},
+      {"",
+       {"volume", "storage", "snapshot", "writer", "provider", "daemon", "--socket", "--json",
+        "--quiet", "Exit status"}},
       {"volume", {"create", "adopt", "attach", "detach", "list", "delete"}},
       {"volume create", {"NAME", "--size", "--backing", "--chunk-size"}},
       {"volume adopt", {"NAME", "--device"}},
@@ -76,7 +79,8 @@ TEST(CliHelp, EveryCommandHasHelp) {
       EXPECT_NE(r.out.find("Description:"), std::string::npos) << r.out;
       EXPECT_NE(r.out.find("Examples:\n  "), std::string::npos) << r.out;
     }
-    for (const auto& m : c.mentions) EXPECT_NE(r.out.find(m), std::string::npos) << m << "\n" << r.out;
+    for (const auto& m : c.mentions)
+      EXPECT_NE(r.out.find(m), std::string::npos) << m << "\n" << r.out;
   }
 }
 
@@ -174,8 +178,7 @@ TEST(CliNotRunning, ExitsOneWithClearMessage) {
     Json j = Json::parse(r.out, nullptr, false);
     ASSERT_TRUE(j.is_object()) << r.out;
     EXPECT_EQ(j["error"]["code"], "not_running");
-    EXPECT_EQ(j["error"]["message"],
-              "umbrad is not running (no daemon listening at " + sock + ")");
+    EXPECT_EQ(j["error"]["message"], "umbrad is not running (no daemon listening at " + sock + ")");
   }
 }
 
