@@ -435,6 +435,58 @@ TEST_F(DaemonTest, CrashConsistentSnapshotsMountCleanly) {
   }
 }
 
+// An existing block device adopted in place: its data is served as it was,
+// snapshots and revert work through it, and deleting the volume leaves the
+// device alone.
+TEST_F(DaemonTest, AdoptedDeviceKeepsItsData) {
+  ASSERT_TRUE(env_.Start());
+  Client c = env_.Connect();
+  constexpr uint64_t kSize = 16 * kMiB;
+  const std::string img = env_.dir() + "/disk.img", reference = env_.dir() + "/reference.img";
+  {
+    std::vector<char> data(kSize);
+    for (uint64_t i = 0; i < kSize; ++i) data[i] = static_cast<char>((i * 2654435761u) >> 13);
+    std::ofstream(img, std::ios::binary).write(data.data(), kSize);
+    std::ofstream(reference, std::ios::binary).write(data.data(), kSize);
+  }
+  std::string disk;
+  ASSERT_EQ(Sh("losetup --show -f " + img, &disk), 0) << disk;
+  while (!disk.empty() && disk.back() == '\n') disk.pop_back();
+
+  Json vol = Ok(c, "volume.adopt", {{"name", "disk"}, {"device", disk}});
+  EXPECT_EQ(vol["kind"], "device");
+  EXPECT_EQ(vol["origin"], disk);
+  EXPECT_EQ(vol["size"], kSize);
+  Fails(c, "volume.adopt", {{"name", "again"}, {"device", disk}}, Code::kAlreadyExists);
+  const std::string dev = Ok(c, "volume.attach", {{"name", "disk"}}).value("device", "");
+  EXPECT_TRUE(SameBytes(dev, reference, kSize)) << "adopting changed the data";
+
+  const std::string id = Ok(c, "snapshot.create", {{"volumes", {"disk"}}}).value("id", "");
+  {
+    int fd = ::open(dev.c_str(), O_WRONLY | O_DIRECT | O_CLOEXEC);
+    ASSERT_GE(fd, 0) << std::strerror(errno);
+    Buffer b(kMiB);
+    std::memset(b.p, 0x5a, kMiB);
+    EXPECT_EQ(::pwrite(fd, b.p, kMiB, 4 * kMiB), static_cast<ssize_t>(kMiB));
+    EXPECT_EQ(::fsync(fd), 0);
+    ::close(fd);
+  }
+  EXPECT_FALSE(SameBytes(dev, reference, kSize));
+  const std::string sdev = Ok(c, "snapshot.attach", {{"id", id}}).value("device", "");
+  EXPECT_TRUE(SameBytes(sdev, reference, kSize));
+  Ok(c, "snapshot.detach", {{"id", id}});
+  Ok(c, "volume.detach", {{"name", "disk"}});
+  Ok(c, "snapshot.revert", {{"id", id}});
+  const std::string dev2 = Ok(c, "volume.attach", {{"name", "disk"}}).value("device", "");
+  EXPECT_TRUE(SameBytes(dev2, reference, kSize)) << "revert did not restore the snapshot";
+  Ok(c, "volume.detach", {{"name", "disk"}});
+  Ok(c, "snapshot.delete", {{"id", id}});
+  Ok(c, "volume.delete", {{"name", "disk"}});
+  EXPECT_TRUE(SameBytes(disk, reference, kSize));
+  EXPECT_EQ(Sh("losetup -d " + disk), 0);
+  EXPECT_TRUE(fs::exists(img)) << "deleting an adopted volume removed its device's data";
+}
+
 TEST_F(DaemonTest, ReleaseOnDisconnect) {
   ASSERT_TRUE(env_.Start());
   Client c = env_.Connect();
