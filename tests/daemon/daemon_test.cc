@@ -487,6 +487,53 @@ TEST_F(DaemonTest, AdoptedDeviceKeepsItsData) {
   EXPECT_TRUE(fs::exists(img)) << "deleting an adopted volume removed its device's data";
 }
 
+// kill -9 with a volume attached, a snapshot attached and another mounted:
+// the next umbrad unmounts the dead snapshot mount, removes the mount point
+// it had created, detaches the dead loop devices and the dead FUSE mount,
+// and serves the persistent snapshots again; only the auto-release one is
+// gone. A multi-volume set survives as a set.
+TEST_F(DaemonTest, RestartAfterKillCleansUp) {
+  ASSERT_TRUE(env_.Start());
+  Client c = env_.Connect();
+  Ok(c, "volume.create", {{"name", "a"}, {"size", 64 * kMiB}});
+  Ok(c, "volume.create", {{"name", "b"}, {"size", 16 * kMiB}});
+  const std::string dev = Ok(c, "volume.attach", {{"name", "a"}}).value("device", "");
+  std::string out;
+  ASSERT_EQ(Sh("mkfs.ext4 -q -F " + dev, &out), 0) << out;
+  Json set = Ok(c, "snapshot.create", {{"volumes", {"a", "b"}}, {"persistent", true}});
+  ASSERT_EQ(set["snapshots"].size(), 2u);
+  EXPECT_EQ(set["snapshots"][0]["set_size"], 2);
+  EXPECT_EQ(set["snapshots"][0]["set_id"], set["snapshots"][1]["set_id"]);
+  const std::string id = set["id"];
+  Ok(c, "snapshot.create", {{"volumes", {"a"}}});  // auto-release: gone after a crash
+  const std::string sdev = Ok(c, "snapshot.attach", {{"id", id}}).value("device", "");
+  const std::string view = env_.dir() + "/view";
+  Ok(c, "snapshot.mount", {{"id", id}, {"dir", view}});
+  ASSERT_TRUE(fs::exists(view + "/lost+found"));
+
+  EXPECT_EQ(env_.Stop(SIGKILL), 128 + SIGKILL);
+  ASSERT_TRUE(env_.Start());
+  EXPECT_FALSE(fs::exists(view)) << "the stale mount point is left";
+  EXPECT_EQ(LoopsUnder(env_.dir() + "/"), std::vector<std::string>{});
+  EXPECT_EQ(MountsUnder(env_.dir() + "/"), std::vector<std::string>{env_.fuse_dir()});
+  Client c2 = env_.Connect();
+  Json listed = Ok(c2, "snapshot.list")["snapshots"];
+  ASSERT_EQ(listed.size(), 2u) << listed.dump();
+  for (const Json& s : listed) {
+    EXPECT_EQ(s["set_id"], set["set_id"]);
+    EXPECT_EQ(s["persistent"], true);
+    EXPECT_EQ(s["attached_device"], nullptr);
+    EXPECT_EQ(s["mount"], nullptr);
+  }
+  Json m = Ok(c2, "snapshot.mount", {{"id", id}, {"dir", view}});
+  EXPECT_TRUE(fs::exists(view + "/lost+found"));
+  Ok(c2, "volume.attach", {{"name", "a"}});
+  EXPECT_EQ(env_.Stop(SIGTERM), 0);
+  EXPECT_FALSE(fs::exists(view));
+  EXPECT_EQ(LoopsUnder(env_.dir() + "/"), std::vector<std::string>{});
+  EXPECT_EQ(MountsUnder(env_.dir() + "/"), std::vector<std::string>{});
+}
+
 TEST_F(DaemonTest, ReleaseOnDisconnect) {
   ASSERT_TRUE(env_.Start());
   Client c = env_.Connect();
@@ -608,6 +655,16 @@ TEST_F(DaemonTest, BadInputChangesNothing) {
   Fails(c, "volume.detach", {{"name", "a"}}, Code::kInvalidArgument);
   EXPECT_EQ(Ok(c, "volume.list"), before);
   EXPECT_FALSE(fs::exists(env_.state_dir() + "/volumes/b.img"));
+
+  // An existing backing file is used in place and kept when the volume goes.
+  const std::string mine = env_.dir() + "/mine.img";
+  WriteFile(mine, std::string(4 * kMiB, 'x'));
+  Fails(c, "volume.create", {{"name", "m"}, {"size", 8 * kMiB}, {"backing", mine}},
+        Code::kInvalidArgument);  // not its size
+  Json m = Ok(c, "volume.create", {{"name", "m"}, {"backing", mine}});
+  EXPECT_EQ(m["size"], 4 * kMiB);
+  Ok(c, "volume.delete", {{"name", "m"}});
+  EXPECT_EQ(ReadFile(mine), std::string(4 * kMiB, 'x'));
 
   // Protocol errors: an unknown op and a malformed frame; the bad frame
   // closes only its own connection.
