@@ -1,0 +1,178 @@
+#!/usr/bin/env bash
+# fio on ext4 on an Umbra volume (umbrad: FUSE file -> loop with direct I/O),
+# against the same jobs on a loop device over a plain file, in the same run.
+# With PEERS=1 it then runs ../shared/bench/peers/run.sh (nbdkit + nbdfuse,
+# qemu-storage-daemon with a copy-before-write snapshot) so every figure
+# comes from one session on one machine.
+#
+#   bench/fs_bench.sh [OUT_DIR]      (root; RUNTIME=10 SIZE=4G PEERS=0)
+#
+# Workloads (fio --direct=1 --ioengine=libaio on a 1 GiB file f1, as in the
+# peers' harness): randwrite4k, seqwrite1m, randread4k (time based), first4k
+# (one 4 KiB write at offset 0 of each 64 KiB of f1, shuffled: every write
+# hits a never-copied chunk under a snapshot) and firstseq1m (one pass).
+# Configs: RAW (plain loop), UMBRA-0/1/16 (no, one, sixteen snapshots taken
+# right before each job). Reports IOPS, MB/s, ratio to RAW, umbrad CPU
+# seconds per GiB written and umbrad's peak resident memory.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${1:-/var/tmp/umbra-fs-bench}
+RUNTIME=${RUNTIME:-10}
+SIZE=${SIZE:-4G}
+PEERS=${PEERS:-0}
+bin=${UMBRA_BIN:-build/release/src}
+[[ $(id -u) -eq 0 ]] || { echo "fs_bench: needs root" >&2; exit 1; }
+command -v fio >/dev/null || { echo "fs_bench: fio missing (scripts/setup.sh installs it)" >&2; exit 1; }
+mkdir -p "$OUT"
+work=$(mktemp -d /var/tmp/umbra-fs-bench.XXXXXX)
+export UMBRA_SOCKET=$work/umbrad.sock
+mnt=$work/mnt
+mkdir -p "$mnt"
+daemon_pid=""
+rawloop=""
+results=$OUT/results.tsv
+echo -e "config\tworkload\tiops\tmbs\tclat_us\tumbrad_cpu_s_per_gib" >"$results"
+
+cleanup() {
+  set +e
+  mountpoint -q "$mnt" && umount "$mnt"
+  [[ -n $rawloop ]] && losetup -d "$rawloop"
+  if [[ -n $daemon_pid ]]; then
+    kill -TERM "$daemon_pid"
+    for _ in $(seq 100); do kill -0 "$daemon_pid" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL "$daemon_pid" 2>/dev/null
+  fi
+  mountpoint -q "$work/dev" && umount -l "$work/dev"
+  rm -rf "$work"
+}
+trap cleanup EXIT INT TERM
+
+log() { echo "[$(date +%T)] $*" >&2; }
+
+make_iolog() {  # first4k: one 4 KiB write at offset 0 of every 64 KiB chunk of f1, shuffled
+  python3 - "$work/first4k.iolog" "$mnt/f1" <<'EOF'
+import random, sys
+random.seed(42)
+offs = [i * 65536 for i in range(16384)]
+random.shuffle(offs)
+name = sys.argv[2]
+with open(sys.argv[1], "w") as f:
+    f.write("fio version 2 iolog\n")
+    f.write("%s add\n%s open\n" % (name, name))
+    for o in offs:
+        f.write("%s write %d 4096\n" % (name, o))
+    f.write("%s close\n" % name)
+EOF
+}
+
+cpu_ticks() { [[ -n $daemon_pid ]] && awk '{print $14+$15}' "/proc/$daemon_pid/stat" || echo 0; }
+peak_rss=0
+note_rss() {
+  [[ -n $daemon_pid ]] || return 0
+  local r
+  r=$(awk '/VmHWM/ {print $2}' "/proc/$daemon_pid/status")
+  ((r > peak_rss)) && peak_rss=$r
+  return 0
+}
+
+run_job() {  # config workload
+  local cfg=$1 wl=$2 args
+  local common="--name=$wl --directory=$mnt --filename=f1 --direct=1 --ioengine=libaio --numjobs=1 --group_reporting --output-format=json"
+  case $wl in
+    randwrite4k) args="--rw=randwrite --bs=4k --iodepth=32 --size=1G --time_based --runtime=$RUNTIME" ;;
+    seqwrite1m) args="--rw=write --bs=1M --iodepth=8 --size=1G --time_based --runtime=$RUNTIME" ;;
+    randread4k) args="--rw=randread --bs=4k --iodepth=32 --size=1G --time_based --runtime=$RUNTIME" ;;
+    first4k)
+      common="--name=$wl --direct=1 --ioengine=libaio --output-format=json"
+      args="--read_iolog=$work/first4k.iolog --replay_no_stall=1 --iodepth=32" ;;
+    firstseq1m) args="--rw=write --bs=1M --iodepth=8 --size=1G" ;;
+  esac
+  sync
+  echo 3 >/proc/sys/vm/drop_caches
+  local t0 t1
+  t0=$(cpu_ticks)
+  # shellcheck disable=SC2086
+  fio $common $args >"$OUT/$cfg-$wl.json"
+  t1=$(cpu_ticks)
+  note_rss
+  python3 - "$OUT/$cfg-$wl.json" "$cfg" "$wl" "$((t1 - t0))" "$(getconf CLK_TCK)" >>"$results" <<'EOF'
+import json, sys
+j = json.load(open(sys.argv[1]))["jobs"][0]
+cfg, wl, ticks, hz = sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+side = j["read"] if "read" in wl else j["write"]
+gib = j["write"]["io_bytes"] / 2**30
+cpu = (ticks / hz / gib) if (gib > 0 and cfg.startswith("UMBRA")) else float("nan")
+print("%s\t%s\t%.0f\t%.1f\t%.0f\t%.2f" % (cfg, wl, side["iops"], side["bw_bytes"] / 1e6,
+                                          side["clat_ns"]["mean"] / 1000, cpu))
+EOF
+  log "$(tail -1 "$results")"
+}
+
+layout() {  # write every block of f1 once
+  fio --name=layout --directory="$mnt" --filename=f1 --rw=write --bs=1M --size=1G --direct=1 \
+    --ioengine=libaio --iodepth=8 --output-format=terse >/dev/null
+}
+
+make_iolog
+
+log "RAW: loop device over a plain file (the ceiling of this path)"
+truncate -s "$SIZE" "$work/raw.img"
+rawloop=$(losetup -f --show --direct-io=on "$work/raw.img")
+mkfs.ext4 -q -E lazy_itable_init=0,lazy_journal_init=0 "$rawloop"
+mount "$rawloop" "$mnt"
+layout
+for wl in randwrite4k seqwrite1m randread4k first4k firstseq1m; do run_job RAW "$wl"; done
+umount "$mnt"
+losetup -d "$rawloop"
+rawloop=""
+
+log "UMBRA: umbrad, volume attached as a loop device over its FUSE file"
+"$bin/umbrad" --foreground --state-dir "$work/state" --socket "$UMBRA_SOCKET" --fuse-dir "$work/dev" \
+  2>"$work/umbrad.log" &
+daemon_pid=$!
+for _ in $(seq 100); do "$bin/umbra" daemon status >/dev/null 2>&1 && break; sleep 0.1; done
+"$bin/umbra" volume create v --size "$SIZE" >/dev/null
+mkdir -p "$work/shadow"
+"$bin/umbra" storage add v --on "$work/shadow" --max-size unbounded >/dev/null
+dev=$("$bin/umbra" volume attach v)
+mkfs.ext4 -q -E lazy_itable_init=0,lazy_journal_init=0 "$dev"
+mount "$dev" "$mnt"
+layout
+for n in 0 1 16; do
+  for wl in randwrite4k seqwrite1m randread4k first4k firstseq1m; do
+    "$bin/umbra" snapshot delete --all v >/dev/null
+    for _ in $(seq "$n"); do
+      sync
+      fsfreeze -f "$mnt"
+      "$bin/umbra" snapshot create v >/dev/null || { fsfreeze -u "$mnt"; exit 1; }
+      fsfreeze -u "$mnt"
+    done
+    run_job "UMBRA-$n" "$wl"
+  done
+done
+"$bin/umbra" snapshot delete --all v >/dev/null
+umount "$mnt"
+"$bin/umbra" volume detach v >/dev/null
+note_rss
+
+python3 - "$results" "$peak_rss" <<'EOF' | tee "$OUT/summary.md"
+import csv, sys
+rows = list(csv.DictReader(open(sys.argv[1]), delimiter="\t"))
+raw = {r["workload"]: float(r["iops"]) for r in rows if r["config"] == "RAW"}
+print("| config | workload | IOPS | MB/s | clat µs | vs RAW | umbrad CPU s/GiB written |")
+print("|---|---|---|---|---|---|---|")
+for r in rows:
+    ratio = float(r["iops"]) / raw[r["workload"]] if raw.get(r["workload"]) else float("nan")
+    print("| %s | %s | %s | %s | %s | %.2f | %s |" % (r["config"], r["workload"], r["iops"], r["mbs"],
+          r["clat_us"], ratio, r["umbrad_cpu_s_per_gib"]))
+print("\numbrad peak resident memory: %.1f MiB" % (int(sys.argv[2]) / 1024))
+EOF
+
+if [[ $PEERS == 1 ]]; then
+  log "peers: ../shared/bench/peers/run.sh (nbdkit+nbdfuse, qemu-storage-daemon CBW)"
+  for p in nbdkit nbdfuse qemu-system-common; do
+    dpkg-query -W -f='${db:Status-Status}' "$p" 2>/dev/null | grep -q installed ||
+      apt-get install -y --no-install-recommends nbdkit nbdfuse qemu-system-common >/dev/null
+  done
+  RUNTIME=$RUNTIME ../shared/bench/peers/run.sh "$OUT/peers" || log "peers run failed (see $OUT/peers)"
+fi

@@ -1,0 +1,339 @@
+#!/usr/bin/env bash
+# End-to-end tests of umbrad + umbra with real filesystems on real loop devices.
+#
+#   tests/system/cli_test.sh BUILD_DIR CASE
+#
+# CASE: pit_ext4 | pit_xfs | many | cap | kill9 | revert | bad_input
+# Each case starts its own umbrad in a fresh /var/tmp directory and removes
+# everything (mounts, loop devices, daemon, files) on exit, pass or fail.
+# Exit 0 pass, 1 fail, 77 skipped (not root / no FUSE / no loop).
+set -uo pipefail
+
+build=$1
+case_name=$2
+bin=$build/src
+[[ $(id -u) -eq 0 ]] || { echo "SKIP: needs root"; exit 77; }
+[[ -e /dev/fuse && -e /dev/loop-control ]] || { echo "SKIP: needs /dev/fuse and loop devices"; exit 77; }
+[[ -x $bin/umbrad && -x $bin/umbra ]] || { echo "FAIL: $bin/umbrad or $bin/umbra missing"; exit 1; }
+
+work=$(mktemp -d /var/tmp/umbra-cli-test.XXXXXX)
+export UMBRA_SOCKET=$work/umbrad.sock
+daemon_pid=""
+bg_pids=()
+mounts=()
+
+log() { printf '[%s] %s\n' "$case_name" "$*"; }
+fail() { log "FAIL: $*"; [[ -f $work/umbrad.log ]] && tail -20 "$work/umbrad.log"; exit 1; }
+umbra() { "$bin/umbra" "$@"; }
+
+start_daemon() {
+  "$bin/umbrad" --foreground --state-dir "$work/state" --socket "$UMBRA_SOCKET" \
+    --fuse-dir "$work/dev" 2>>"$work/umbrad.log" &
+  daemon_pid=$!
+  for _ in $(seq 100); do
+    umbra daemon status >/dev/null 2>&1 && return 0
+    sleep 0.1
+  done
+  fail "umbrad did not start"
+}
+
+stop_daemon() {
+  [[ -z $daemon_pid ]] && return
+  kill -TERM "$daemon_pid" 2>/dev/null
+  for _ in $(seq 100); do kill -0 "$daemon_pid" 2>/dev/null || break; sleep 0.1; done
+  kill -KILL "$daemon_pid" 2>/dev/null
+  wait "$daemon_pid" 2>/dev/null
+  daemon_pid=""
+}
+
+cleanup() {
+  set +e
+  for p in "${bg_pids[@]}"; do kill "$p" 2>/dev/null; wait "$p" 2>/dev/null; done
+  for m in "${mounts[@]}"; do fsfreeze -u "$m" 2>/dev/null; done
+  # Unmount everything under the work dir, deepest first.
+  for m in $(awk -v w="$work" '$2 ~ "^"w {print $2}' /proc/mounts | sort -r); do
+    umount "$m" 2>/dev/null || umount -l "$m"
+  done
+  stop_daemon
+  for m in $(awk -v w="$work" '$2 ~ "^"w {print $2}' /proc/mounts | sort -r); do umount -l "$m"; done
+  # Loop devices whose backing file was under the work dir.
+  for l in $(losetup -a 2>/dev/null | grep -F "$work" | cut -d: -f1); do losetup -d "$l"; done
+  rm -rf "$work"
+}
+trap cleanup EXIT INT TERM
+
+# A background load on a mounted filesystem: creates, overwrites, deletes.
+start_load() {
+  local m=$1
+  mkdir -p "$m/load"
+  (
+    n=0
+    while true; do
+      n=$((n + 1))
+      head -c $(((n * 7919) % 200000 + 1)) /dev/urandom >"$m/load/f$((n % 40))" 2>/dev/null || exit 3
+      dd if=/dev/urandom of="$m/load/f$(((n + 13) % 40))" bs=4k count=2 seek=$((n % 7)) conv=notrunc status=none 2>/dev/null || exit 3
+      rm -f "$m/load/f$(((n + 20) % 40))"
+      ((n % 25 == 0)) && sync
+    done
+  ) &
+  load_pid=$!
+  bg_pids+=("$load_pid")
+}
+stop_load() {
+  kill "$load_pid" 2>/dev/null
+  wait "$load_pid" 2>/dev/null
+  local rc=$?
+  # 143 = killed by our TERM; 3 = a write failed (the filesystem saw an I/O error).
+  [[ $rc -eq 3 ]] && fail "the writer saw an I/O error"
+  return 0
+}
+
+# Freeze, copy the device and the files, snapshot, thaw. Sets $snap.
+frozen_snapshot() {
+  local m=$1 dev=$2 vol=$3 tag=$4 extra=${5:-}
+  fsfreeze -f "$m" || fail "fsfreeze"
+  dd if="$dev" of="$work/ref-$tag.img" bs=1M iflag=direct status=none || { fsfreeze -u "$m"; fail "reference copy"; }
+  mkdir -p "$work/ref-$tag-files" && cp -a "$m/." "$work/ref-$tag-files/" 2>/dev/null
+  snap=$(umbra --json snapshot create "$vol" $extra | python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')
+  local rc=$?
+  fsfreeze -u "$m"
+  [[ $rc -eq 0 && -n $snap ]] || fail "snapshot create"
+}
+
+snapshot_equals_ref() {
+  local id=$1 tag=$2
+  local sdev
+  sdev=$(umbra snapshot attach "$id") || fail "snapshot attach $id"
+  cmp "$sdev" "$work/ref-$tag.img" || { umbra snapshot detach "$id"; fail "snapshot $id differs from its reference ($tag)"; }
+  umbra snapshot detach "$id" || fail "snapshot detach"
+}
+
+make_fs_volume() {  # name size fstype -> sets dev, mnt
+  local name=$1 size=$2 fstype=$3
+  umbra volume create "$name" --size "$size" >/dev/null || fail "volume create"
+  dev=$(umbra volume attach "$name") || fail "volume attach"
+  [[ -b $dev ]] || fail "volume attach did not print a block device: '$dev'"
+  if [[ $fstype == xfs ]]; then mkfs.xfs -q -f "$dev" || fail mkfs.xfs; else
+    mkfs.ext4 -q -E lazy_itable_init=0,lazy_journal_init=0 "$dev" || fail mkfs.ext4; fi
+  mnt=$work/mnt-$name
+  mkdir -p "$mnt"
+  mount "$dev" "$mnt" || fail "mount"
+  mounts+=("$mnt")
+}
+
+case_pit() {
+  local fstype=$1
+  start_daemon
+  make_fs_volume v 512M "$fstype"
+  start_load "$mnt"
+  sleep 2
+  frozen_snapshot "$mnt" "$dev" v pit
+  sleep 3
+  fstrim "$mnt" >/dev/null 2>&1
+  sleep 1
+  stop_load
+  snapshot_equals_ref "$snap" pit
+  # fsck of the snapshot (read-only device)
+  local sdev
+  sdev=$(umbra snapshot attach "$snap") || fail "attach"
+  if [[ $fstype == ext4 ]]; then
+    e2fsck -fn "$sdev" >"$work/fsck.log" 2>&1 || { cat "$work/fsck.log"; fail "e2fsck -fn on the snapshot"; }
+  fi
+  umbra snapshot detach "$snap" || fail "detach"
+  # Files through snapshot mount equal the files at the instant.
+  mkdir -p "$work/view"
+  umbra snapshot mount "$snap" "$work/view" || fail "snapshot mount"
+  diff -r "$work/ref-pit-files" "$work/view" >"$work/diff.log" 2>&1 || { head "$work/diff.log"; fail "files in the snapshot mount differ from the instant"; }
+  if [[ $fstype == xfs ]]; then
+    local vdev
+    vdev=$(awk -v d="$work/view" '$2 == d {print $1}' /proc/mounts)
+    [[ -n $vdev ]] || fail "no device for the snapshot mount"
+  fi
+  umbra snapshot unmount "$work/view" || fail "snapshot unmount"
+  log "PASS"
+}
+
+case_many() {
+  start_daemon
+  make_fs_volume v 256M ext4
+  start_load "$mnt"
+  local ids=()
+  for i in 1 2 3 4 5; do
+    sleep 1
+    frozen_snapshot "$mnt" "$dev" v "s$i" --persistent
+    ids+=("$snap")
+  done
+  sleep 1
+  stop_load
+  umbra snapshot delete "${ids[1]}" || fail "delete middle"
+  umbra snapshot delete "${ids[3]}" || fail "delete middle"
+  for i in 0 2 4; do snapshot_equals_ref "${ids[$i]}" "s$((i + 1))"; done
+  [[ $(umbra --json snapshot list v | python3 -c 'import json,sys; print(len(json.load(sys.stdin)["snapshots"]))') == 3 ]] || fail "snapshot list count"
+  umbra snapshot delete --oldest v || fail "delete --oldest"
+  for i in 2 4; do snapshot_equals_ref "${ids[$i]}" "s$((i + 1))"; done
+  umbra snapshot delete --all v || fail "delete --all"
+  [[ $(umbra --json snapshot list v | python3 -c 'import json,sys; print(len(json.load(sys.stdin)["snapshots"]))') == 0 ]] || fail "delete --all left snapshots"
+  log "PASS"
+}
+
+case_cap() {
+  start_daemon
+  make_fs_volume v 256M ext4
+  mkdir -p "$work/shadow-elsewhere"
+  umbra storage add v --on "$work/shadow-elsewhere" --max-size 24M || fail "storage add"
+  dd if=/dev/urandom of="$mnt/big" bs=1M count=100 conv=fsync status=none || fail "fill"
+  local ids=()
+  for i in 1 2 3; do
+    umbra snapshot create v >/dev/null || fail "snapshot create"
+    ids+=("$(umbra --json snapshot list v | python3 -c 'import json,sys; print(json.load(sys.stdin)["snapshots"][-1]["id"])')")
+    dd if=/dev/urandom of="$mnt/big" bs=1M count=10 seek=$((i * 10)) conv=notrunc,fsync status=none || fail "writes saw an error"
+  done
+  # Heavy writer: overwrite everything; the filesystem must see no error.
+  dd if=/dev/urandom of="$mnt/big" bs=1M count=100 conv=notrunc,fsync status=none || fail "the filesystem saw an I/O error"
+  sync
+  umbra snapshot list v || fail "list"
+  local state
+  state=$(umbra --json snapshot list v)
+  python3 - "$state" "${ids[@]}" <<'EOF' || fail "cap policy"
+import json, sys
+snaps = json.loads(sys.argv[1])["snapshots"]
+ids = sys.argv[2:]
+present = {s["id"]: s for s in snaps}
+assert ids[0] not in present, "the oldest snapshot should have been deleted first"
+last = present.get(ids[-1])
+assert last is not None, "the newest snapshot should be listed (invalidated)"
+assert last["valid"] is False and last["cause"], "the newest should be invalid with a cause: %r" % last
+EOF
+  local out
+  if out=$(umbra snapshot attach "${ids[2]}" 2>&1); then
+    dd if="$out" of=/dev/null bs=1M count=1 iflag=direct status=none 2>/dev/null && fail "reading an invalidated snapshot succeeded"
+    umbra snapshot detach "${ids[2]}"
+  else
+    grep -qi "full\|invalid" <<<"$out" || fail "attach of an invalid snapshot did not name the cause: $out"
+  fi
+  umount "$mnt"
+  local vdev
+  e2fsck -fn "$dev" >/dev/null 2>&1 || fail "live filesystem not clean after the overflow"
+  log "PASS"
+}
+
+case_kill9() {
+  start_daemon
+  make_fs_volume v 256M ext4
+  start_load "$mnt"
+  sleep 1
+  frozen_snapshot "$mnt" "$dev" v k1 --persistent
+  local id1=$snap
+  sleep 1
+  frozen_snapshot "$mnt" "$dev" v k2 --persistent
+  local id2=$snap
+  sleep 1
+  kill -KILL "$daemon_pid"
+  wait "$daemon_pid" 2>/dev/null
+  daemon_pid=""
+  kill "$load_pid" 2>/dev/null; wait "$load_pid" 2>/dev/null
+  # The live mount lost its block device: unmount it lazily.
+  umount -l "$mnt" 2>/dev/null
+  start_daemon
+  umbra snapshot list v || fail "list after restart"
+  snapshot_equals_ref "$id1" k1
+  snapshot_equals_ref "$id2" k2
+  dev=$(umbra volume attach v) || fail "reattach after crash"
+  e2fsck -fy "$dev" >/dev/null 2>&1
+  rc=$?
+  ((rc <= 1)) || fail "volume not repairable after kill -9 (e2fsck rc $rc)"
+  umbra volume detach v || fail "detach"
+  log "PASS"
+}
+
+case_revert() {
+  start_daemon
+  make_fs_volume v 256M ext4
+  echo "before" >"$mnt/state.txt"
+  sync
+  frozen_snapshot "$mnt" "$dev" v r1 --persistent
+  echo "after" >"$mnt/state.txt"
+  dd if=/dev/urandom of="$mnt/junk" bs=1M count=20 conv=fsync status=none
+  out=$(umbra snapshot revert "$snap" 2>&1) && fail "revert while mounted/attached succeeded"
+  log "refused as expected: $out"
+  umount "$mnt"
+  umbra volume detach v || fail "detach"
+  umbra snapshot revert "$snap" || fail "revert"
+  dev=$(umbra volume attach v) || fail "attach"
+  e2fsck -fn "$dev" >/dev/null 2>&1 || fail "fsck after revert"
+  cmp "$dev" "$work/ref-r1.img" || fail "reverted volume differs from the snapshot"
+  mount "$dev" "$mnt" || fail "mount"
+  [[ $(cat "$mnt/state.txt") == before ]] || fail "file content not reverted"
+  [[ ! -e $mnt/junk ]] || fail "file created after the snapshot still there"
+  log "PASS"
+}
+
+expect_fail() {  # description, command...
+  local what=$1
+  shift
+  local out rc
+  out=$("$@" 2>&1)
+  rc=$?
+  [[ $rc -ne 0 ]] || fail "$what: succeeded but should fail"
+  [[ $(grep -c . <<<"$out") -ge 1 ]] || fail "$what: no message"
+  grep -q "^umbra: " <<<"$out" || [[ $rc -eq 2 ]] || fail "$what: message not in 'umbra: ...' form: $out"
+  log "ok: $what -> $(head -1 <<<"$out")"
+}
+
+case_bad_input() {
+  # Daemon not running.
+  expect_fail "daemon not running" umbra volume list
+  start_daemon
+  umbra volume create v --size 64M >/dev/null || fail "volume create"
+  local before
+  # What bad input must not change: the set of volumes and their identity.
+  volumes() { umbra --json volume list | python3 -c 'import json,sys; print(sorted((v["name"], v["uuid"], v["size"], v["origin"]) for v in json.load(sys.stdin)["volumes"]))'; }
+  before=$(volumes)
+  expect_fail "duplicate volume" umbra volume create v --size 64M
+  expect_fail "bad size" umbra volume create w --size 12Q
+  expect_fail "zero size" umbra volume create w --size 0
+  expect_fail "bad name" umbra volume create "a/b" --size 64M
+  expect_fail "unknown volume attach" umbra volume attach nope
+  expect_fail "unknown volume detach" umbra volume detach nope
+  expect_fail "unknown volume delete" umbra volume delete nope
+  expect_fail "adopt non-device" umbra volume adopt w --device /etc/passwd
+  expect_fail "storage on unknown volume" umbra storage add nope --on "$work"
+  expect_fail "storage bad max" umbra storage add v --on "$work" --max-size 120%
+  expect_fail "storage missing dir" umbra storage add v --on "$work/does-not-exist"
+  expect_fail "resize unknown" umbra storage resize nope --max-size 1G
+  expect_fail "snapshot unknown volume" umbra snapshot create nope
+  expect_fail "snapshot delete unknown" umbra snapshot delete 00000000-0000-0000-0000-000000000000
+  expect_fail "snapshot attach unknown" umbra snapshot attach 00000000-0000-0000-0000-000000000000
+  expect_fail "snapshot mount unknown" umbra snapshot mount 00000000-0000-0000-0000-000000000000 "$work"
+  expect_fail "snapshot revert unknown" umbra snapshot revert 00000000-0000-0000-0000-000000000000
+  expect_fail "delete --oldest unknown volume" umbra snapshot delete --oldest nope
+  expect_fail "unknown command" umbra volume frobnicate
+  # Shadow storage on the volume itself.
+  local dev m
+  dev=$(umbra volume attach v) || fail attach
+  mkfs.ext4 -q "$dev" && m=$work/m && mkdir -p "$m" && mount "$dev" "$m" && mounts+=("$m")
+  mkdir -p "$m/shadow"
+  expect_fail "storage on the volume itself" umbra storage add v --on "$m/shadow"
+  expect_fail "delete attached volume" umbra volume delete v
+  umount "$m"
+  umbra volume detach v
+  [[ $(volumes) == "$before" ]] || fail "bad input changed the volumes"
+  # Permission: a non-root user is refused.
+  chmod 755 "$work"
+  local out
+  out=$(setpriv --reuid=65534 --regid=65534 --clear-groups "$bin/umbra" volume list 2>&1) && fail "non-root request succeeded"
+  grep -qi "permission\|denied\|not allowed" <<<"$out" || fail "non-root refusal unclear: $out"
+  log "ok: non-root refused -> $out"
+  log "PASS"
+}
+
+case "$case_name" in
+  pit_ext4) case_pit ext4 ;;
+  pit_xfs) case_pit xfs ;;
+  many) case_many ;;
+  cap) case_cap ;;
+  kill9) case_kill9 ;;
+  revert) case_revert ;;
+  bad_input) case_bad_input ;;
+  *) echo "unknown case $case_name"; exit 2 ;;
+esac
