@@ -278,6 +278,21 @@ void Daemon::Stop() {
     return;
   }
   started_ = false;
+  // Filesystems still mounted on attached volumes are about to lose their
+  // device: write their dirty data while it is still served, and say so.
+  for (const MountEntry& m : ListMounts()) {
+    for (auto& [name, v] : volumes_) {
+      if (!v->live_loop.attached() || m.source != v->live_loop.path()) continue;
+      LogWarning("volume '" + name + "' is still mounted on " + m.target + " (" + m.source +
+                 "); syncing it before its device goes away; it returns I/O errors from now "
+                 "on, and its loop device is detached when it is unmounted");
+      int fd = ::open(m.target.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+      if (fd >= 0) {
+        if (::syncfs(fd) != 0) LogWarning("syncfs " + m.target + ": " + std::strerror(errno));
+        ::close(fd);
+      }
+    }
+  }
   std::vector<std::string> ids;
   for (auto& [id, m] : snap_mounts_) ids.push_back(id);
   for (const auto& id : ids) UnmountSnapshotLocked(id, /*lazy=*/true).IgnoreError();
@@ -709,17 +724,24 @@ Result<Json> Daemon::OpVolumeAttach(const Json& args, const Peer&) {
 
 Status Daemon::DetachVolumeLocked(VolumeEntry& v, bool force) {
   const std::string file = "vol-" + v.rec.name;
+  bool held = false;
   if (v.live_loop.attached()) {
     const std::string dev = v.live_loop.path();
     if (!force && BlockDeviceInUse(dev))
       return Status::Busy("volume '" + v.rec.name + "' is in use: " + dev +
                           " is mounted or held open; unmount it first");
     Status s = v.live_loop.Detach();
-    if (!s.ok()) LogWarning("detaching " + dev + ": " + s.message());
+    if (!s.ok()) {
+      LogWarning("detaching " + dev + ": " + s.message());
+      held = true;
+    }
     LogInfo("detached volume '" + v.rec.name + "' from " + dev);
   }
   if (v.live_dev) {
-    Status s = export_->Remove(file, kRemoveGrace);
+    // At shutdown, a loop device still held by a mount keeps the file open
+    // for good: do not wait for it.
+    Status s = export_->Remove(file, force && held ? std::chrono::milliseconds(0)
+                                                   : std::chrono::milliseconds(kRemoveGrace));
     if (!s.ok() && s.code() != Code::kNotFound) {
       if (!force)
         return Status::Busy("volume '" + v.rec.name + "' was detached but its export file " +

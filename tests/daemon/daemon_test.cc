@@ -534,6 +534,36 @@ TEST_F(DaemonTest, RestartAfterKillCleansUp) {
   EXPECT_EQ(MountsUnder(env_.dir() + "/"), std::vector<std::string>{});
 }
 
+// SIGTERM while a filesystem is still mounted on an attached volume: umbrad
+// syncs it first, exits 0, and its loop device goes when it is unmounted;
+// the data written before the stop is on the volume.
+TEST_F(DaemonTest, StopWithVolumeStillMounted) {
+  ASSERT_TRUE(env_.Start());
+  Client c = env_.Connect();
+  Ok(c, "volume.create", {{"name", "v"}, {"size", 64 * kMiB}});
+  const std::string dev = Ok(c, "volume.attach", {{"name", "v"}}).value("device", "");
+  std::string out;
+  ASSERT_EQ(Sh("mkfs.ext4 -q -F " + dev, &out), 0) << out;
+  const std::string mnt = env_.dir() + "/mnt";
+  ASSERT_EQ(::mkdir(mnt.c_str(), 0755), 0);
+  ASSERT_EQ(Sh("mount " + dev + " " + mnt, &out), 0) << out;
+  const std::string data(3 * kMiB + 17, 'd');
+  WriteFile(mnt + "/file", data);  // dirty in the page cache, not synced
+  EXPECT_EQ(env_.Stop(SIGTERM), 0);
+  EXPECT_NE(ReadFile(env_.log()).find("still mounted"), std::string::npos);
+  ASSERT_EQ(Sh("umount " + mnt, &out), 0) << out;
+  for (int i = 0; i < 50 && !LoopsUnder(env_.dir() + "/").empty(); ++i)
+    std::this_thread::sleep_for(20ms);
+  EXPECT_EQ(LoopsUnder(env_.dir() + "/"), std::vector<std::string>{});
+
+  ASSERT_TRUE(env_.Start());
+  Client c2 = env_.Connect();
+  const std::string dev2 = Ok(c2, "volume.attach", {{"name", "v"}}).value("device", "");
+  ASSERT_EQ(Sh("mount -o ro " + dev2 + " " + mnt, &out), 0) << out;
+  EXPECT_TRUE(ReadFile(mnt + "/file") == data) << "data written before SIGTERM was lost";
+  ASSERT_EQ(Sh("umount " + mnt, &out), 0) << out;
+}
+
 TEST_F(DaemonTest, ReleaseOnDisconnect) {
   ASSERT_TRUE(env_.Start());
   Client c = env_.Connect();
