@@ -16,8 +16,7 @@ Status LoadConfigFile(const std::string& path, Config* cfg) {
     if (e.source().begin.line == 0) {
       msg << "cannot read config file " << path << ": " << e.description();
     } else {
-      msg << "config file " << path << " line " << e.source().begin.line << ": "
-          << e.description();
+      msg << "config file " << path << " line " << e.source().begin.line << ": " << e.description();
     }
     return Status::InvalidArgument(msg.str());
   }

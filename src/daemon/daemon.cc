@@ -71,8 +71,9 @@ Result<uint64_t> ArgSize(const Json& args, const char* key) {
                                    "' must be a positive whole number of bytes, got " + it->dump());
   if (it->is_string()) {
     auto r = ParseSize(it->get<std::string>());
-    if (!r.ok()) return Status::InvalidArgument(std::string("argument '") + key + "': " +
-                                                r.status().message());
+    if (!r.ok())
+      return Status::InvalidArgument(std::string("argument '") + key +
+                                     "': " + r.status().message());
     return *r;
   }
   return Status::InvalidArgument(std::string("argument '") + key + "' must be a size");
@@ -332,15 +333,12 @@ void Daemon::Stop() {
 Json Daemon::Handle(const Json& request, const Peer& peer) {
   Json id = nullptr;
   auto proto = [&](const std::string& msg) {
-    return Json{{"id", id},
-                {"ok", false},
-                {"error", {{"code", "protocol"}, {"message", msg}}}};
+    return Json{{"id", id}, {"ok", false}, {"error", {{"code", "protocol"}, {"message", msg}}}};
   };
   try {
     if (request.contains("id")) id = request["id"];
     auto op_it = request.find("op");
-    if (op_it == request.end() || !op_it->is_string())
-      return proto("request has no \"op\" string");
+    if (op_it == request.end() || !op_it->is_string()) return proto("request has no \"op\" string");
     const std::string op = op_it->get<std::string>();
     Json args = Json::object();
     if (auto a = request.find("args"); a != request.end() && !a->is_null()) {
@@ -350,8 +348,8 @@ Json Daemon::Handle(const Json& request, const Peer& peer) {
       args = *a;
     }
     if (op != "daemon.hello" && !peer.allowed) {
-      std::string who = cfg_.admin_group.empty() ? "root"
-                                                 : "root or members of group " + cfg_.admin_group;
+      std::string who =
+          cfg_.admin_group.empty() ? "root" : "root or members of group " + cfg_.admin_group;
       return control::ErrorResponse(
           id, Status(Code::kPermissionDenied, "uid " + std::to_string(peer.uid) +
                                                   " may not use umbrad; only " + who + " may"));
@@ -371,8 +369,8 @@ Json Daemon::Handle(const Json& request, const Peer& peer) {
                                   Status::InvalidArgument(std::string("bad request: ") + e.what()));
   } catch (const std::exception& e) {
     LogError(std::string("internal error: ") + e.what());
-    return control::ErrorResponse(id, Status(Code::kIOError, std::string("internal error: ") +
-                                                                 e.what()));
+    return control::ErrorResponse(
+        id, Status(Code::kIOError, std::string("internal error: ") + e.what()));
   }
 }
 
@@ -441,20 +439,20 @@ Json Daemon::StorageObject(VolumeEntry& v) {
   Json max = nullptr, percent = nullptr, warning = nullptr;
   if (u.max_bytes != UINT64_MAX) {
     max = u.max_bytes;
-    double p = u.max_bytes == 0 ? 100.0
-                                : static_cast<double>(u.used_bytes) * 100.0 /
-                                      static_cast<double>(u.max_bytes);
+    double p = u.max_bytes == 0
+                   ? 100.0
+                   : static_cast<double>(u.used_bytes) * 100.0 / static_cast<double>(u.max_bytes);
     percent = p;
     if (p >= 90.0)
       warning = "90%";
     else if (p >= 80.0)
       warning = "80%";
   }
-  return Json{{"volume", v.rec.name},   {"location", v.rec.storage},
-              {"used", u.used_bytes},   {"allocated", u.allocated_bytes},
-              {"max", max},             {"max_size", u.max_size.ToString()},
-              {"percent", percent},     {"warning", warning},
-              {"copies", u.copies},     {"zero_copies", u.zero_copies}};
+  return Json{{"volume", v.rec.name}, {"location", v.rec.storage},
+              {"used", u.used_bytes}, {"allocated", u.allocated_bytes},
+              {"max", max},           {"max_size", u.max_size.ToString()},
+              {"percent", percent},   {"warning", warning},
+              {"copies", u.copies},   {"zero_copies", u.zero_copies}};
 }
 
 Json Daemon::VolumeObject(VolumeEntry& v) {
@@ -690,8 +688,8 @@ Result<Json> Daemon::OpVolumeAdopt(const Json& args, const Peer&) {
   rec.origin = device;
   rec.kind = "device";
   rec.size = size;
-  rec.chunk_size = chunk != 0 ? static_cast<uint32_t>(std::min<uint64_t>(chunk, 1u << 31))
-                              : 16 * 1024;
+  rec.chunk_size =
+      chunk != 0 ? static_cast<uint32_t>(std::min<uint64_t>(chunk, 1u << 31)) : 16 * 1024;
   rec.storage = DefaultStorage(rec.uuid);
   rec.created_backing = false;
   return AddVolume(std::move(rec), "");
@@ -709,8 +707,8 @@ Result<Json> Daemon::OpVolumeAttach(const Json& args, const Peer&) {
     UMBRA_RETURN_IF_ERROR(export_->Add(file, dev.get(), 0600));
     v->live_dev = std::move(dev);
   }
-  auto loop = LoopDevice::Attach(export_->PathOf(file), /*read_only=*/false, /*direct_io=*/true,
-                                 4096);
+  auto loop =
+      LoopDevice::Attach(export_->PathOf(file), /*read_only=*/false, /*direct_io=*/true, 4096);
   if (!loop.ok()) {
     if (export_->Remove(file, kRemoveGrace).ok()) v->live_dev.reset();
     return loop.status().Annotate("attaching a loop device to volume '" + name + "'");
@@ -845,8 +843,8 @@ Status Daemon::MoveStorage(VolumeEntry& v, const std::string& dir, const MaxSize
     v.holder->volume = std::move(*ov);
   } else {
     v.unavailable = ov.status().message();
-    LogError("volume '" + v.rec.name + "' could not be reopened after a failed storage move: " +
-             ov.status().message());
+    LogError("volume '" + v.rec.name +
+             "' could not be reopened after a failed storage move: " + ov.status().message());
   }
   return result;
 }
@@ -868,9 +866,8 @@ Result<Json> Daemon::OpStorageAdd(const Json& args, const Peer&) {
   const std::string backing = LoopBackingFileOf(st.st_dev);
   if (on.rfind(cfg_.fuse_dir + "/", 0) == 0 || on == cfg_.fuse_dir ||
       (!backing.empty() && backing == export_->PathOf("vol-" + name)))
-    return Status::InvalidArgument("shadow storage location " + on +
-                                   " is on the volume itself (" + v->rec.origin +
-                                   "); choose a directory on another filesystem");
+    return Status::InvalidArgument("shadow storage location " + on + " is on the volume itself (" +
+                                   v->rec.origin + "); choose a directory on another filesystem");
   const size_t snaps = v->holder->volume->ListSnapshots().size();
   if (snaps > 0)
     return Status::Busy("volume '" + name + "' has " + std::to_string(snaps) +
@@ -970,8 +967,8 @@ Result<Json> Daemon::OpSnapshotList(const Json& args, const Peer&) {
   for (auto& [n, v] : volumes_) {
     if (!name.empty() && n != name) continue;
     if (!v->holder->volume) {
-      if (!name.empty()) return Status(Code::kIOError, "volume '" + n + "' is unavailable: " +
-                                                           v->unavailable);
+      if (!name.empty())
+        return Status(Code::kIOError, "volume '" + n + "' is unavailable: " + v->unavailable);
       continue;
     }
     auto snaps = v->holder->volume->ListSnapshots();
@@ -1156,9 +1153,8 @@ Result<Json> Daemon::OpSnapshotMount(const Json& args, const Peer&) {
   // its log into the overlay; "nouuid" because the snapshot's XFS has the
   // same UUID as the live filesystem.
   const std::string data = m->fstype == "xfs" ? "nouuid" : "";
-  if (::mount(m->loop.path().c_str(), dir.c_str(), m->fstype.c_str(), MS_RDONLY | MS_NODEV |
-                  MS_NOSUID,
-              data.empty() ? nullptr : data.c_str()) != 0) {
+  if (::mount(m->loop.path().c_str(), dir.c_str(), m->fstype.c_str(),
+              MS_RDONLY | MS_NODEV | MS_NOSUID, data.empty() ? nullptr : data.c_str()) != 0) {
     int e = errno;
     m->loop.Detach().IgnoreError();
     if (!export_->Remove(m->file, kRemoveGrace).ok()) m.release();
@@ -1191,8 +1187,7 @@ Status Daemon::UnmountSnapshotLocked(const std::string& id, bool lazy) {
     std::this_thread::sleep_for(100ms);
   }
   if (!done) {
-    if (!lazy)
-      return Status::Busy(m.dir + " is busy (a process is using it); close it and retry");
+    if (!lazy) return Status::Busy(m.dir + " is busy (a process is using it); close it and retry");
     ::umount2(m.dir.c_str(), MNT_DETACH);
     LogWarning(m.dir + " was busy; unmounted it lazily");
   }
@@ -1272,9 +1267,9 @@ Result<Json> Daemon::OpSnapshotRevert(const Json& args, const Peer&) {
     if (!s.ok()) return fail(s);
   }
   if (Status s = vol->Flush(); !s.ok()) return fail(s);
-  const auto ms = std::chrono::duration_cast<std::chrono::milliseconds>(
-                      std::chrono::steady_clock::now() - t0)
-                      .count();
+  const auto ms =
+      std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now() - t0)
+          .count();
   LogInfo("reverted volume '" + v->rec.name + "' to snapshot " + id + " (" + FormatBytes(copied) +
           " written in " + std::to_string(ms) + " ms)");
   return Json::object();

@@ -137,10 +137,10 @@ class Daemon {
   const Config cfg_;
   std::mutex mu_;
   bool started_ = false;
-  std::map<std::string, std::unique_ptr<VolumeEntry>> volumes_;            // by name
+  std::map<std::string, std::unique_ptr<VolumeEntry>> volumes_;             // by name
   std::map<std::string, std::unique_ptr<SnapshotAttachment>> snap_attach_;  // by id
   std::map<std::string, std::unique_ptr<SnapshotMount>> snap_mounts_;       // by id
-  std::map<uint64_t, std::set<std::string>> release_;  // conn -> snapshot ids
+  std::map<uint64_t, std::set<std::string>> release_;                       // conn -> snapshot ids
   std::unique_ptr<FuseExport> export_;
   int lock_fd_ = -1;
 };

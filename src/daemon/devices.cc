@@ -142,8 +142,8 @@ class Overlay final : public BlockDevice {
   Status PreadAll(uint64_t off, std::span<std::byte> out) {
     size_t done = 0;
     while (done < out.size()) {
-      ssize_t r = ::pread(fd_, out.data() + done, out.size() - done,
-                          static_cast<off_t>(off + done));
+      ssize_t r =
+          ::pread(fd_, out.data() + done, out.size() - done, static_cast<off_t>(off + done));
       if (r < 0) {
         if (errno == EINTR) continue;
         return Status::FromErrno(errno, "overlay read");
@@ -159,8 +159,7 @@ class Overlay final : public BlockDevice {
   Status PwriteAll(uint64_t off, std::span<const std::byte> in) {
     size_t done = 0;
     while (done < in.size()) {
-      ssize_t w = ::pwrite(fd_, in.data() + done, in.size() - done,
-                           static_cast<off_t>(off + done));
+      ssize_t w = ::pwrite(fd_, in.data() + done, in.size() - done, static_cast<off_t>(off + done));
       if (w < 0) {
         if (errno == EINTR) continue;
         return Status::FromErrno(errno, "overlay write");

@@ -15,10 +15,18 @@ inline void Log(LogLevel level, const std::string& msg) {
   static std::mutex mu;
   const char* name = "info";
   switch (level) {
-    case LogLevel::kDebug: name = "debug"; break;
-    case LogLevel::kInfo: name = "info"; break;
-    case LogLevel::kWarning: name = "warning"; break;
-    case LogLevel::kError: name = "error"; break;
+    case LogLevel::kDebug:
+      name = "debug";
+      break;
+    case LogLevel::kInfo:
+      name = "info";
+      break;
+    case LogLevel::kWarning:
+      name = "warning";
+      break;
+    case LogLevel::kError:
+      name = "error";
+      break;
   }
   std::lock_guard<std::mutex> l(mu);
   std::fprintf(stderr, "%s: %s\n", name, msg.c_str());

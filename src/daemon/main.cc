@@ -80,12 +80,10 @@ int main(int argc, char** argv) {
   app.get_formatter()->column_width(34);
   std::string config_file, state_dir, socket_path, fuse_dir;
   bool foreground = false;
-  app.add_option("--config", config_file, "TOML configuration file")
-      ->type_name("FILE");
+  app.add_option("--config", config_file, "TOML configuration file")->type_name("FILE");
   app.add_option("--state-dir", state_dir, "state directory (default /var/lib/umbra)")
       ->type_name("DIR");
-  app.add_option("--socket", socket_path,
-                 "control socket path (default /run/umbra/umbrad.sock)")
+  app.add_option("--socket", socket_path, "control socket path (default /run/umbra/umbrad.sock)")
       ->type_name("PATH");
   app.add_option("--fuse-dir", fuse_dir,
                  "where umbrad mounts its FUSE export (default /run/umbra/dev)")

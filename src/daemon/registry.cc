@@ -5,9 +5,8 @@
 
 #include <cerrno>
 #include <fstream>
-#include <sstream>
-
 #include <nlohmann/json.hpp>
+#include <sstream>
 
 namespace umbra::daemon {
 

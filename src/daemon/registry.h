@@ -18,11 +18,11 @@ namespace umbra::daemon {
 struct VolumeRecord {
   std::string name;
   std::string uuid;
-  std::string origin;         // backing file or block device, used in place
-  std::string kind;           // "file" or "device"
+  std::string origin;  // backing file or block device, used in place
+  std::string kind;    // "file" or "device"
   uint64_t size = 0;
   uint32_t chunk_size = 0;
-  std::string storage;        // shadow storage directory
+  std::string storage;           // shadow storage directory
   bool created_backing = false;  // umbrad created `origin` (delete removes it)
 };
 

@@ -99,13 +99,13 @@ void Server::AcceptLoop() {
     }
     if (conns_.size() >= kMaxConnections) {
       l.unlock();
-      control::WriteFrame(fd, Json{{"id", nullptr},
-                                   {"ok", false},
-                                   {"error",
-                                    {{"code", "busy"},
-                                     {"message", "umbrad has too many connections (" +
-                                                     std::to_string(kMaxConnections) +
-                                                     "); try again later"}}}})
+      control::WriteFrame(
+          fd, Json{{"id", nullptr},
+                   {"ok", false},
+                   {"error",
+                    {{"code", "busy"},
+                     {"message", "umbrad has too many connections (" +
+                                     std::to_string(kMaxConnections) + "); try again later"}}}})
           .IgnoreError();
       ::close(fd);
       continue;
@@ -142,15 +142,15 @@ void Server::Serve(int fd, uint64_t conn_id) {
     auto req = control::ReadFrame(fd);
     if (!req.ok()) {
       if (req.status().code() != Code::kNotFound) {
-        control::WriteFrame(fd, Json{{"id", nullptr},
-                                     {"ok", false},
-                                     {"error",
-                                      {{"code", "protocol"},
-                                       {"message", req.status().message() +
-                                                       "; closing the connection"}}}})
+        control::WriteFrame(
+            fd, Json{{"id", nullptr},
+                     {"ok", false},
+                     {"error",
+                      {{"code", "protocol"},
+                       {"message", req.status().message() + "; closing the connection"}}}})
             .IgnoreError();
-        LogWarning("connection " + std::to_string(conn_id) + " (uid " +
-                   std::to_string(peer.uid) + ") closed: " + req.status().message());
+        LogWarning("connection " + std::to_string(conn_id) + " (uid " + std::to_string(peer.uid) +
+                   ") closed: " + req.status().message());
       }
       break;
     }

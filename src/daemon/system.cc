@@ -127,8 +127,7 @@ std::string DetectFilesystem(BlockDevice* dev, const std::string& path) {
       if (static_cast<uint8_t>(buf[1080]) == 0x53 && static_cast<uint8_t>(buf[1081]) == 0xEF)
         return "ext4";  // ext2/3/4: the ext4 driver mounts all of them
     }
-    if (dev->Read(65536, std::span(buf, 4096)).ok() &&
-        std::memcmp(buf + 0x40, "_BHRfS_M", 8) == 0)
+    if (dev->Read(65536, std::span(buf, 4096)).ok() && std::memcmp(buf + 0x40, "_BHRfS_M", 8) == 0)
       return "btrfs";
   }
   std::string out;

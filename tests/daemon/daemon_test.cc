@@ -191,10 +191,8 @@ class DaemonEnv {
 
   // Starts umbrad and waits until it answers daemon.hello.
   ::testing::AssertionResult Start(const std::vector<std::string>& extra = {}) {
-    std::vector<std::string> args = {UMBRAD_PATH,          "--foreground",
-                                     "--state-dir",        state_dir(),
-                                     "--socket",           socket(),
-                                     "--fuse-dir",         fuse_dir()};
+    std::vector<std::string> args = {UMBRAD_PATH, "--foreground", "--state-dir", state_dir(),
+                                     "--socket",  socket(),       "--fuse-dir",  fuse_dir()};
     args.insert(args.end(), extra.begin(), extra.end());
     pid_ = ::fork();
     if (pid_ == 0) {
@@ -211,8 +209,7 @@ class DaemonEnv {
       int st;
       if (::waitpid(pid_, &st, WNOHANG) == pid_) {
         pid_ = -1;
-        return ::testing::AssertionFailure() << "umbrad exited at start-up:\n"
-                                             << ReadFile(log());
+        return ::testing::AssertionFailure() << "umbrad exited at start-up:\n" << ReadFile(log());
       }
       auto c = Client::Connect(socket());
       if (c.ok() && c->Call("daemon.hello", {{"version", 1}}).ok())
@@ -308,8 +305,8 @@ TEST_F(DaemonTest, PersistentSnapshotLifecycle) {
 
   // Shadow storage on the volume's own filesystem is refused, nothing changes.
   const std::string loc = Ok(c, "storage.list", {{"volume", "data"}})["storage"][0]["location"];
-  std::string msg = Fails(c, "storage.add", {{"volume", "data"}, {"on", mnt}},
-                          Code::kInvalidArgument);
+  std::string msg =
+      Fails(c, "storage.add", {{"volume", "data"}, {"on", mnt}}, Code::kInvalidArgument);
   EXPECT_NE(msg.find("on the volume itself"), std::string::npos) << msg;
   EXPECT_EQ(Ok(c, "storage.list", {{"volume", "data"}})["storage"][0]["location"], loc);
 
@@ -319,8 +316,8 @@ TEST_F(DaemonTest, PersistentSnapshotLifecycle) {
   {
     ASSERT_EQ(Sh("fsfreeze -f " + mnt, &out), 0) << out;
     bool copied = CopyDevice(dev, kSize, reference);
-    auto snap = c.Call("snapshot.create", {{"volumes", {"data"}}, {"persistent", true},
-                                           {"name", "before-change"}});
+    auto snap = c.Call("snapshot.create",
+                       {{"volumes", {"data"}}, {"persistent", true}, {"name", "before-change"}});
     EXPECT_EQ(Sh("fsfreeze -u " + mnt, &out), 0) << out;
     ASSERT_TRUE(copied);
     ASSERT_TRUE(snap.ok()) << snap.status().ToString();
@@ -574,7 +571,8 @@ TEST_F(DaemonTest, ReleaseOnDisconnect) {
     Fails(requester, "snapshot.create",
           {{"volumes", {"v"}}, {"persistent", true}, {"release_on_disconnect", true}},
           Code::kInvalidArgument);
-    Json r = Ok(requester, "snapshot.create", {{"volumes", {"v"}}, {"release_on_disconnect", true}});
+    Json r =
+        Ok(requester, "snapshot.create", {{"volumes", {"v"}}, {"release_on_disconnect", true}});
     id = r.value("id", "");
     Json kept = Ok(requester, "snapshot.create", {{"volumes", {"v"}}});
     EXPECT_EQ(Ok(c, "snapshot.list", {{"volume", "v"}})["snapshots"].size(), 2u);

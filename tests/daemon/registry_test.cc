@@ -1,5 +1,7 @@
 // The volume registry (src/daemon/registry.h) and the config file
 // (src/daemon/config.h): round trips, and clear errors for bad files.
+#include "daemon/registry.h"
+
 #include <gtest/gtest.h>
 #include <stdlib.h>
 #include <unistd.h>
@@ -8,7 +10,6 @@
 #include <fstream>
 
 #include "daemon/config.h"
-#include "daemon/registry.h"
 
 namespace umbra::daemon {
 namespace {
@@ -37,10 +38,22 @@ TEST(RegistryTest, RoundTripsAndLeavesNoTempFile) {
   ASSERT_TRUE(empty.ok());
   EXPECT_TRUE(empty->empty());
   std::vector<VolumeRecord> recs(2);
-  recs[0] = {"db", "3f2a9c1e-8b7d-4e2f-a1b0-0123456789ab", "/srv/db.img", "file", 1 << 30,
-             16384, "/var/lib/umbra/shadow/x", true};
-  recs[1] = {"sdb", "3f2a9c1e-8b7d-4e2f-a1b0-0123456789ac", "/dev/sdb", "device", 4096 * 100,
-             65536, "/mnt/other/umbra-shadow-y", false};
+  recs[0] = {"db",
+             "3f2a9c1e-8b7d-4e2f-a1b0-0123456789ab",
+             "/srv/db.img",
+             "file",
+             1 << 30,
+             16384,
+             "/var/lib/umbra/shadow/x",
+             true};
+  recs[1] = {"sdb",
+             "3f2a9c1e-8b7d-4e2f-a1b0-0123456789ac",
+             "/dev/sdb",
+             "device",
+             4096 * 100,
+             65536,
+             "/mnt/other/umbra-shadow-y",
+             false};
   ASSERT_TRUE(SaveRegistry(path, recs).ok());
   EXPECT_FALSE(fs::exists(path + ".tmp"));
   auto back = LoadRegistry(path);
