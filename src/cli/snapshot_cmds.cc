@@ -181,7 +181,7 @@ void AddSnapshotCommands(CLI::App& root, Context& ctx, Registry& reg) {
       root, "snapshot", "Take, list, attach, mount and revert snapshots",
       "A snapshot is a read-only, point-in-time view of a volume. Persistent snapshots survive\n"
       "daemon restarts, crashes and power loss; other snapshots last until deleted or until\n"
-      "umbrad stops. The volume needs shadow storage first (umbra storage add).");
+      "umbrad stops. Snapshot data lives in the volume's shadow storage (umbra storage).");
   {
     auto a = std::make_shared<SnapshotArgs>();
     CLI::App* c = AddCommand(

@@ -127,12 +127,14 @@ void AddStorageCommands(CLI::App& root, Context& ctx, Registry& reg) {
     auto a = std::make_shared<StorageArgs>();
     CLI::App* c = AddCommand(
         g, "add", "Give a volume shadow storage",
-        "Creates shadow storage for VOLUME in directory DIR (created if missing; must not be on\n"
-        "the volume itself). Without --max-size the storage is unbounded.",
+        "Puts VOLUME's shadow storage in DIR, an existing directory that is not on the volume\n"
+        "itself. If the volume already has shadow storage (umbrad may give new volumes a default\n"
+        "location), it moves to DIR; that is refused while the volume has snapshots.\n"
+        "--max-size defaults to umbrad's choice.",
         {"umbra storage add db --on /var/lib/umbra/shadow/db --max-size 20%",
          "umbra storage add scratch --on /srv/shadow --max-size 10G"});
     c->add_option("VOLUME", a->volume, "The volume")->required()->type_name("");
-    c->add_option("--on", a->on, "Directory to keep shadow storage in")
+    c->add_option("--on", a->on, "Existing directory to keep shadow storage in")
         ->required()
         ->type_name("DIR");
     c->add_option("--max-size", a->max_size, kMaxSizeHelp)->type_name("SIZE|PCT%|unbounded");

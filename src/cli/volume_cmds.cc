@@ -94,15 +94,16 @@ void AddVolumeCommands(CLI::App& root, Context& ctx, Registry& reg) {
       root, "volume", "Create, attach and list protected volumes",
       "A protected volume is a block store served by umbrad: a new file (volume create) or an\n"
       "existing block device protected in place (volume adopt). Attach it to get a block device\n"
-      "to put a filesystem on; give it shadow storage (umbra storage add) before snapshots.");
+      "to put a filesystem on. Snapshots keep old data in the volume's shadow storage\n"
+      "(umbra storage).");
 
   {
     auto a = std::make_shared<VolumeArgs>();
     CLI::App* c = AddCommand(
         g, "create", "Create a new file-backed volume",
         "Creates a volume NAME of SIZE bytes stored in a file. Without --backing, umbrad puts\n"
-        "the file in its state directory. The new volume is not attached and has no shadow\n"
-        "storage yet.\n\n"
+        "the file in its state directory. The new volume is not attached; see 'umbra storage'\n"
+        "for its shadow storage.\n\n"
         "SIZE accepts 4096, 64K, 10G, 1.5GiB, ... (binary units: K = 1024).",
         {"umbra volume create db --size 10G",
          "umbra volume create scratch --size 512M --backing /srv/scratch.img --chunk-size 64K"});
