@@ -561,6 +561,37 @@ TEST_F(DaemonTest, StopWithVolumeStillMounted) {
   ASSERT_EQ(Sh("umount " + mnt, &out), 0) << out;
 }
 
+// storage.list reports how full shadow storage is and warns at 80% and 90%.
+TEST_F(DaemonTest, StorageWarnsWhenNearlyFull) {
+  ASSERT_TRUE(env_.Start());
+  Client c = env_.Connect();
+  Ok(c, "volume.create", {{"name", "w"}, {"size", 16 * kMiB}, {"chunk_size", 16384}});
+  Json st = Ok(c, "storage.resize", {{"volume", "w"}, {"max_size", "1M"}});
+  EXPECT_EQ(st["max"], kMiB);
+  EXPECT_EQ(st["warning"], nullptr);
+  Ok(c, "snapshot.create", {{"volumes", {"w"}}});
+  const std::string dev = Ok(c, "volume.attach", {{"name", "w"}}).value("device", "");
+  int fd = ::open(dev.c_str(), O_WRONLY | O_DIRECT | O_CLOEXEC);
+  ASSERT_GE(fd, 0) << std::strerror(errno);
+  Buffer b(16384);
+  std::memset(b.p, 1, 16384);
+  // Overwrite whole chunks: each first write copies one 16 KiB chunk.
+  auto fill_to = [&](int chunks) {
+    for (int i = 0; i < chunks; ++i)
+      EXPECT_EQ(::pwrite(fd, b.p, 16384, static_cast<off_t>(i) * 16384), 16384);
+    EXPECT_EQ(::fsync(fd), 0);
+    return Ok(c, "storage.list", {{"volume", "w"}})["storage"][0];
+  };
+  st = fill_to(52);  // 832 KiB of 1 MiB: 81.25%
+  EXPECT_EQ(st["used"], 52u * 16384);
+  EXPECT_NEAR(st.value("percent", 0.0), 81.25, 0.01);
+  EXPECT_EQ(st["warning"], "80%");
+  st = fill_to(60);  // 960 KiB: 93.75%
+  EXPECT_EQ(st["warning"], "90%");
+  ::close(fd);
+  Ok(c, "volume.detach", {{"name", "w"}});
+}
+
 TEST_F(DaemonTest, ReleaseOnDisconnect) {
   ASSERT_TRUE(env_.Start());
   Client c = env_.Connect();
