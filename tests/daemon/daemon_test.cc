@@ -19,6 +19,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -559,6 +560,52 @@ TEST_F(DaemonTest, StopWithVolumeStillMounted) {
   ASSERT_EQ(Sh("mount -o ro " + dev2 + " " + mnt, &out), 0) << out;
   EXPECT_TRUE(ReadFile(mnt + "/file") == data) << "data written before SIGTERM was lost";
   ASSERT_EQ(Sh("umount " + mnt, &out), 0) << out;
+}
+
+// Shadow storage moves while the volume is attached and its filesystem is
+// being written: the engine Volume is swapped under the exported device
+// without the filesystem noticing, and snapshots use the new location.
+TEST_F(DaemonTest, StorageMovesUnderAMountedFilesystem) {
+  ASSERT_TRUE(env_.Start());
+  Client c = env_.Connect();
+  Json vol = Ok(c, "volume.create", {{"name", "m"}, {"size", 64 * kMiB}});
+  const std::string dev = Ok(c, "volume.attach", {{"name", "m"}}).value("device", "");
+  std::string out;
+  ASSERT_EQ(Sh("mkfs.ext4 -q -F " + dev, &out), 0) << out;
+  const std::string mnt = env_.dir() + "/mnt";
+  ASSERT_EQ(::mkdir(mnt.c_str(), 0755), 0);
+  ASSERT_EQ(Sh("mount " + dev + " " + mnt, &out), 0) << out;
+  std::atomic<bool> stop{false};
+  std::atomic<int> writes{0};
+  std::thread writer([&] {
+    for (int i = 0; !stop; ++i) {
+      WriteFile(mnt + "/f" + std::to_string(i % 8), std::string(64 * 1024, 'a' + i % 26));
+      if (Sh("sync -f " + mnt) != 0) break;
+      ++writes;
+    }
+  });
+  const std::string other = env_.dir() + "/elsewhere";
+  ASSERT_EQ(::mkdir(other.c_str(), 0700), 0);
+  std::this_thread::sleep_for(200ms);
+  Json st = Ok(c, "storage.add", {{"volume", "m"}, {"on", other}, {"max_size", "unbounded"}});
+  const int before = writes;
+  std::this_thread::sleep_for(300ms);
+  stop = true;
+  writer.join();
+  EXPECT_GT(writes, before) << "writes stopped after the storage moved";
+  EXPECT_EQ(st["location"], other + "/umbra-shadow-" + vol["uuid"].get<std::string>());
+  EXPECT_EQ(st["max"], nullptr);
+  EXPECT_EQ(st["max_size"], "unbounded");
+  const std::string id = Ok(c, "snapshot.create", {{"volumes", {"m"}}}).value("id", "");
+  WriteFile(mnt + "/f0", "changed after the snapshot");
+  ASSERT_EQ(Sh("sync -f " + mnt), 0);
+  EXPECT_GT(Ok(c, "storage.list", {{"volume", "m"}})["storage"][0].value("used", 0u), 0u);
+  const std::string view = env_.dir() + "/view";
+  Ok(c, "snapshot.mount", {{"id", id}, {"dir", view}});
+  EXPECT_EQ(ReadFile(view + "/f0").size(), 64u * 1024);
+  Ok(c, "snapshot.unmount", {{"id", id}});
+  ASSERT_EQ(Sh("umount " + mnt, &out), 0) << out;
+  EXPECT_EQ(Sh("e2fsck -fn " + dev, &out), 0) << out;
 }
 
 // storage.list reports how full shadow storage is and warns at 80% and 90%.
