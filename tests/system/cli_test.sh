@@ -50,8 +50,9 @@ cleanup() {
   set +e
   for p in "${bg_pids[@]}"; do kill "$p" 2>/dev/null; wait "$p" 2>/dev/null; done
   for m in "${mounts[@]}"; do fsfreeze -u "$m" 2>/dev/null; done
-  # Unmount everything under the work dir, deepest first.
-  for m in $(awk -v w="$work" '$2 ~ "^"w {print $2}' /proc/mounts | sort -r); do
+  # Unmount our filesystems (not umbrad's FUSE export: it still serves the
+  # loop devices under them), deepest first; then stop umbrad.
+  for m in $(awk -v w="$work" -v d="$work/dev" '$2 ~ "^"w && $2 != d {print $2}' /proc/mounts | sort -r); do
     umount "$m" 2>/dev/null || umount -l "$m"
   done
   stop_daemon
