@@ -708,7 +708,8 @@ Result<Json> Daemon::OpVolumeAttach(const Json& args, const Peer&) {
     v->live_dev = std::move(dev);
   }
   auto loop =
-      LoopDevice::Attach(export_->PathOf(file), /*read_only=*/false, /*direct_io=*/true, 4096);
+      LoopDevice::Attach(export_->PathOf(file), /*read_only=*/false, /*direct_io=*/true, 4096,
+                         LoopDevice::Hold::kReleased);
   if (!loop.ok()) {
     if (export_->Remove(file, kRemoveGrace).ok()) v->live_dev.reset();
     return loop.status().Annotate("attaching a loop device to volume '" + name + "'");
@@ -1045,7 +1046,7 @@ Result<Json> Daemon::OpSnapshotAttach(const Json& args, const Peer&) {
   a->dev = HeldSnapshotDevice(v->holder.get(), v->rec.size, id);
   UMBRA_RETURN_IF_ERROR(export_->Add(a->file, a->dev.get(), 0400));
   auto loop = LoopDevice::Attach(export_->PathOf(a->file), /*read_only=*/true,
-                                 /*direct_io=*/true, 4096);
+                                 /*direct_io=*/true, 4096, LoopDevice::Hold::kReleased);
   if (!loop.ok()) {
     if (!export_->Remove(a->file, kRemoveGrace).ok()) a.release();  // still open: keep device
     return loop.status().Annotate("attaching a loop device to snapshot " + id);
@@ -1142,7 +1143,7 @@ Result<Json> Daemon::OpSnapshotMount(const Json& args, const Peer&) {
     return s;
   }
   auto loop = LoopDevice::Attach(export_->PathOf(m->file), /*read_only=*/false,
-                                 /*direct_io=*/true, 4096);
+                                 /*direct_io=*/true, 4096, LoopDevice::Hold::kReleased);
   if (!loop.ok()) {
     if (!export_->Remove(m->file, kRemoveGrace).ok()) m.release();
     undo_dir();

@@ -40,6 +40,14 @@ std::string SysAttr(int number, const char* attr) {
   return "/sys/block/loop" + std::to_string(number) + "/loop/" + attr;
 }
 
+// The backing file as the kernel reports it ("" if none).
+std::string ReadBacking(int number) {
+  std::ifstream f(SysAttr(number, "backing_file"));
+  std::string line;
+  std::getline(f, line);
+  return line;
+}
+
 bool BackingAttached(int number) {
   struct stat st;
   return ::stat(SysAttr(number, "backing_file").c_str(), &st) == 0;
@@ -91,7 +99,7 @@ int ConfigureLegacy(int loop_fd, int file_fd, const loop_info64& info, uint32_t 
 }  // namespace
 
 Result<LoopDevice> LoopDevice::Attach(const std::string& file, bool read_only, bool direct_io,
-                                      uint32_t sector_size) {
+                                      uint32_t sector_size, Hold hold) {
   if (sector_size < 512 || sector_size > 4096 || (sector_size & (sector_size - 1)) != 0)
     return Status::InvalidArgument("loop sector size must be a power of two in 512..4096");
 
@@ -111,7 +119,7 @@ Result<LoopDevice> LoopDevice::Attach(const std::string& file, bool read_only, b
   loop_info64 info{};
   std::snprintf(reinterpret_cast<char*>(info.lo_file_name), sizeof(info.lo_file_name), "%s",
                 file.c_str());
-  info.lo_flags = LO_FLAGS_AUTOCLEAR;
+  info.lo_flags = hold == Hold::kHoldOpen ? LO_FLAGS_AUTOCLEAR : 0;
   if (read_only) info.lo_flags |= LO_FLAGS_READ_ONLY;
   if (direct_io) info.lo_flags |= LO_FLAGS_DIRECT_IO;
 
@@ -140,9 +148,13 @@ Result<LoopDevice> LoopDevice::Attach(const std::string& file, bool read_only, b
     if (e != 0) return Status::FromErrno(e, "configuring " + path + " for " + file);
 
     LoopDevice dev;
-    dev.fd_ = lfd.release();
     dev.number_ = n;
     dev.path_ = std::move(path);
+    if (hold == Hold::kHoldOpen) {
+      dev.fd_ = lfd.release();
+    } else {
+      dev.backing_ = ReadBacking(n);
+    }
     return dev;
   }
   return Status::Busy("no free loop device (every free one was taken by another process)");
@@ -151,8 +163,10 @@ Result<LoopDevice> LoopDevice::Attach(const std::string& file, bool read_only, b
 LoopDevice::LoopDevice(LoopDevice&& other) noexcept
     : fd_(std::exchange(other.fd_, -1)),
       number_(std::exchange(other.number_, -1)),
-      path_(std::move(other.path_)) {
+      path_(std::move(other.path_)),
+      backing_(std::move(other.backing_)) {
   other.path_.clear();
+  other.backing_.clear();
 }
 
 LoopDevice& LoopDevice::operator=(LoopDevice&& other) noexcept {
@@ -161,7 +175,9 @@ LoopDevice& LoopDevice::operator=(LoopDevice&& other) noexcept {
     fd_ = std::exchange(other.fd_, -1);
     number_ = std::exchange(other.number_, -1);
     path_ = std::move(other.path_);
+    backing_ = std::move(other.backing_);
     other.path_.clear();
+    other.backing_.clear();
   }
   return *this;
 }
@@ -179,9 +195,27 @@ bool LoopDevice::direct_io() const {
 }
 
 Status LoopDevice::Detach() {
-  if (fd_ < 0) return Status::Ok();
+  if (number_ < 0) return Status::Ok();
   const std::string path = path_;
   const int n = number_;
+  if (fd_ < 0) {
+    // kReleased: reopen the node, but only if it still serves our file.
+    const bool ours = ReadBacking(n) == backing_;
+    backing_.clear();
+    if (!ours) {
+      number_ = -1;
+      path_.clear();
+      return Status::Ok();  // already detached (and perhaps reused): not ours to clear
+    }
+    fd_ = ::open(path.c_str(), O_RDWR | O_CLOEXEC);
+    if (fd_ < 0) fd_ = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+    if (fd_ < 0) {
+      const int e = errno;
+      number_ = -1;
+      path_.clear();
+      return Status::FromErrno(e, "opening " + path + " to detach it");
+    }
+  }
   // LOOP_CLR_FD marks the device for clearing on last close (kernels since
   // 5.x never return EBUSY; older ones do while it is open elsewhere).
   int e = 0;

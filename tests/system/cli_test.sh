@@ -228,10 +228,19 @@ case_kill9() {
   sleep 1
   frozen_snapshot "$mnt" "$dev" v k2 --persistent
   local id2=$snap
+  # A second volume with dirty page cache on its raw device and no mount: the
+  # last close of that loop device must not be umbrad's own (it would write
+  # back into the dying FUSE server and the exit would never finish).
+  umbra volume create raw --size 64M >/dev/null || fail "volume create raw"
+  local rawdev
+  rawdev=$(umbra volume attach raw) || fail "volume attach raw"
+  dd if=/dev/urandom of="$rawdev" bs=1M count=4 status=none || fail "buffered write to $rawdev"
   sleep 1
   kill -KILL "$daemon_pid"
+  # If the exit hangs, ctest's timeout fails this test.
   wait "$daemon_pid" 2>/dev/null
   daemon_pid=""
+  timeout 60 sync || fail "sync hangs after kill -9 umbrad"
   kill "$load_pid" 2>/dev/null; wait "$load_pid" 2>/dev/null
   # The live mount lost its block device: unmount it lazily.
   umount -l "$mnt" 2>/dev/null
@@ -244,6 +253,9 @@ case_kill9() {
   rc=$?
   ((rc <= 1)) || fail "volume not repairable after kill -9 (e2fsck rc $rc)"
   umbra volume detach v || fail "detach"
+  [[ -e /sys/block/${rawdev#/dev/}/loop/backing_file ]] &&
+    [[ $(cat "/sys/block/${rawdev#/dev/}/loop/backing_file") == "$work/dev/"* ]] &&
+    fail "restart did not detach the stale $rawdev"
   log "PASS"
 }
 
