@@ -409,7 +409,9 @@ void FuseLoopTest::RunFilesystemOracle(const std::string& kind) {
   EXPECT_EQ(static_cast<uint64_t>(st.st_size), kSize);
   EXPECT_EQ(st.st_mode & 07777, 0600u);
   EXPECT_EQ(st.st_uid, 0u);
-  auto loop = LoopDevice::Attach(vol_file, /*read_only=*/false, /*direct_io=*/true);
+  // kReleased: served by this process (see LoopDevice: a kill must not hang).
+  auto loop = LoopDevice::Attach(vol_file, /*read_only=*/false, /*direct_io=*/true, 4096,
+                                 LoopDevice::Hold::kReleased);
   ASSERT_TRUE(loop.ok()) << loop.status().ToString();
   live_loop_ = std::move(*loop);
   EXPECT_TRUE(live_loop_.direct_io()) << live_loop_.path() << " fell back to buffered I/O";
@@ -477,7 +479,8 @@ void FuseLoopTest::RunFilesystemOracle(const std::string& kind) {
   // equals the copy made during the freeze and passes fsck.
   snap_dev_ = SnapshotDevice(volume_.get(), snap_id);
   ASSERT_TRUE(export_->Add("snap", snap_dev_.get(), 0400).ok());
-  auto sloop = LoopDevice::Attach(export_->PathOf("snap"), /*read_only=*/true, /*direct_io=*/true);
+  auto sloop = LoopDevice::Attach(export_->PathOf("snap"), /*read_only=*/true, /*direct_io=*/true,
+                                  4096, LoopDevice::Hold::kReleased);
   ASSERT_TRUE(sloop.ok()) << sloop.status().ToString();
   snap_loop_ = std::move(*sloop);
   EXPECT_TRUE(SameBytes(snap_loop_.path(), reference, kSize));
@@ -634,6 +637,87 @@ TEST_F(FuseLoopTest, FileOperationsReachTheDevice) {
   EXPECT_EQ(mounts.find(mnt_fuse_), std::string::npos) << "FUSE mount leaked";
   errno = 0;
   EXPECT_EQ(::pread(fd, got.p, 4096, 0), -1) << "I/O on an aborted export should fail";
+}
+
+// ---- LoopDevice lifetimes -------------------------------------------------
+
+std::string LoopAttr(const LoopDevice& d, const char* attr) {
+  FILE* f = std::fopen(("/sys/block/loop" + std::to_string(d.number()) + "/loop/" + attr).c_str(),
+                       "r");
+  if (f == nullptr) return "";
+  char buf[4096] = {};
+  if (std::fgets(buf, sizeof(buf), f) == nullptr) buf[0] = 0;
+  std::fclose(f);
+  std::string v = buf;
+  while (!v.empty() && v.back() == '\n') v.pop_back();
+  return v;
+}
+
+// Whether this process has a descriptor open on `dev`.
+bool ProcessHolds(const std::string& dev) {
+  for (const auto& e : fs::directory_iterator("/proc/self/fd")) {
+    std::error_code ec;
+    if (fs::read_symlink(e.path(), ec) == dev) return true;
+  }
+  return false;
+}
+
+std::string MakeFile(const std::string& path, uint64_t size) {
+  int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+  if (fd < 0 || ::ftruncate(fd, static_cast<off_t>(size)) != 0) return std::strerror(errno);
+  ::close(fd);
+  return "";
+}
+
+// kReleased keeps no descriptor and no auto-clear (so a kill of the serving
+// process cannot make its exit the device's last close); Detach still clears
+// it. kHoldOpen keeps both.
+TEST(LoopDeviceTest, ReleasedKeepsNothingOpenAndDetaches) {
+  std::string why = MissingPrerequisite({});
+  if (!why.empty()) GTEST_SKIP() << why;
+  TempDir dir;
+  const std::string file = dir.path() + "/backing";
+  ASSERT_EQ(MakeFile(file, 8 * kMiB), "");
+
+  auto held = LoopDevice::Attach(file, false, false, 4096, LoopDevice::Hold::kHoldOpen);
+  ASSERT_TRUE(held.ok()) << held.status().ToString();
+  EXPECT_EQ(LoopAttr(*held, "autoclear"), "1");
+  EXPECT_TRUE(ProcessHolds(held->path()));
+  ASSERT_TRUE(held->Detach().ok());
+
+  auto rel = LoopDevice::Attach(file, false, false, 4096, LoopDevice::Hold::kReleased);
+  ASSERT_TRUE(rel.ok()) << rel.status().ToString();
+  const int n = rel->number();
+  EXPECT_TRUE(rel->attached());
+  EXPECT_EQ(LoopAttr(*rel, "autoclear"), "0");
+  EXPECT_EQ(LoopAttr(*rel, "backing_file"), file);
+  EXPECT_FALSE(ProcessHolds(rel->path())) << "kReleased must not keep " << rel->path() << " open";
+  const std::string path = rel->path();
+  ASSERT_TRUE(rel->Detach().ok());
+  EXPECT_FALSE(rel->attached());
+  EXPECT_FALSE(fs::exists("/sys/block/loop" + std::to_string(n) + "/loop/backing_file"))
+      << path << " still attached after Detach";
+}
+
+// A kReleased device that someone else detached (and perhaps reused for
+// another file) is left alone by Detach.
+TEST(LoopDeviceTest, ReleasedDetachLeavesAReusedDeviceAlone) {
+  std::string why = MissingPrerequisite({"losetup"});
+  if (!why.empty()) GTEST_SKIP() << why;
+  TempDir dir;
+  const std::string a = dir.path() + "/a", b = dir.path() + "/b";
+  ASSERT_EQ(MakeFile(a, 8 * kMiB), "");
+  ASSERT_EQ(MakeFile(b, 8 * kMiB), "");
+  auto first = LoopDevice::Attach(a, false, false, 4096, LoopDevice::Hold::kReleased);
+  ASSERT_TRUE(first.ok()) << first.status().ToString();
+  const std::string path = first->path();
+  ASSERT_EQ(Sh("losetup -d " + path), 0);
+  // The freed number is the lowest free one again: b very likely lands on it.
+  auto second = LoopDevice::Attach(b, false, false, 4096, LoopDevice::Hold::kHoldOpen);
+  ASSERT_TRUE(second.ok()) << second.status().ToString();
+  EXPECT_TRUE(first->Detach().ok());
+  EXPECT_EQ(LoopAttr(*second, "backing_file"), b) << "Detach cleared a device it no longer owned";
+  EXPECT_TRUE(second->Detach().ok());
 }
 
 }  // namespace
