@@ -6,6 +6,7 @@
 # comes from one session on one machine.
 #
 #   bench/fs_bench.sh [OUT_DIR]      (root; RUNTIME=10 SIZE=4G PEERS=0)
+#   WORKLOADS="randwrite4k seqwrite1m" SNAPS="0 1" bench/fs_bench.sh   (a subset)
 #
 # Workloads (fio --direct=1 --ioengine=libaio on a 1 GiB file f1, as in the
 # peers' harness): randwrite4k, seqwrite1m, randread4k (time based), first4k
@@ -20,6 +21,8 @@ OUT=${1:-/var/tmp/umbra-fs-bench}
 RUNTIME=${RUNTIME:-10}
 SIZE=${SIZE:-4G}
 PEERS=${PEERS:-0}
+WORKLOADS=${WORKLOADS:-randwrite4k seqwrite1m randread4k first4k firstseq1m}
+SNAPS=${SNAPS:-0 1 16}
 bin=${UMBRA_BIN:-build/release/src}
 [[ $(id -u) -eq 0 ]] || { echo "fs_bench: needs root" >&2; exit 1; }
 command -v fio >/dev/null || { echo "fs_bench: fio missing (scripts/setup.sh installs it)" >&2; exit 1; }
@@ -121,7 +124,7 @@ rawloop=$(losetup -f --show --direct-io=on "$work/raw.img")
 mkfs.ext4 -q -E lazy_itable_init=0,lazy_journal_init=0 "$rawloop"
 mount "$rawloop" "$mnt"
 layout
-for wl in randwrite4k seqwrite1m randread4k first4k firstseq1m; do run_job RAW "$wl"; done
+for wl in $WORKLOADS; do run_job RAW "$wl"; done
 umount "$mnt"
 losetup -d "$rawloop"
 rawloop=""
@@ -138,8 +141,8 @@ dev=$("$bin/umbra" volume attach v)
 mkfs.ext4 -q -E lazy_itable_init=0,lazy_journal_init=0 "$dev"
 mount "$dev" "$mnt"
 layout
-for n in 0 1 16; do
-  for wl in randwrite4k seqwrite1m randread4k first4k firstseq1m; do
+for n in $SNAPS; do
+  for wl in $WORKLOADS; do
     "$bin/umbra" snapshot delete --all v >/dev/null
     for _ in $(seq "$n"); do
       sync

@@ -21,7 +21,8 @@ Status LoadConfigFile(const std::string& path, Config* cfg) {
     return Status::InvalidArgument(msg.str());
   }
   static const std::set<std::string, std::less<>> kKeys = {"state_dir", "socket", "fuse_dir",
-                                                           "admin_group", "copy_timeout_ms"};
+                                                           "admin_group", "copy_timeout_ms",
+                                                           "origin_cache"};
   for (const auto& [key, node] : tbl) {
     if (!kKeys.count(key.str()))
       return Status::InvalidArgument("config file " + path + ": unknown key '" +
@@ -41,6 +42,11 @@ Status LoadConfigFile(const std::string& path, Config* cfg) {
   UMBRA_RETURN_IF_ERROR(str("socket", &cfg->socket));
   UMBRA_RETURN_IF_ERROR(str("fuse_dir", &cfg->fuse_dir));
   UMBRA_RETURN_IF_ERROR(str("admin_group", &cfg->admin_group));
+  std::string origin_cache = cfg->origin_cache;
+  UMBRA_RETURN_IF_ERROR(str("origin_cache", &origin_cache));
+  if (origin_cache != "writeback" && origin_cache != "direct")
+    return Status::InvalidArgument("config file " + path +
+                                   ": 'origin_cache' must be \"writeback\" or \"direct\"");
   if (const toml::node* n = tbl.get("copy_timeout_ms")) {
     auto v = n->value<int64_t>();
     if (!v || *v < 1 || *v > 3'600'000)
@@ -48,6 +54,7 @@ Status LoadConfigFile(const std::string& path, Config* cfg) {
                                      ": 'copy_timeout_ms' must be an integer from 1 to 3600000");
     cfg->copy_timeout_ms = static_cast<uint32_t>(*v);
   }
+  cfg->origin_cache = origin_cache;
   return Status::Ok();
 }
 

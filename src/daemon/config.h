@@ -16,13 +16,19 @@ struct Config {
   std::string admin_group;
   // A copy to shadow storage slower than this invalidates the snapshots.
   uint32_t copy_timeout_ms = 10'000;
+  // How umbrad reads and writes the origin (the volume's data): "writeback"
+  // through the page cache (like losetup's default, nbdkit's file plugin and
+  // QEMU's cache=writeback; flushes still reach the disk), or "direct"
+  // (O_DIRECT: no second cache, but every write waits for the disk in a
+  // serving thread).
+  std::string origin_cache = "writeback";
   bool foreground = false;
 };
 
 inline constexpr const char* kDefaultConfigFile = "/etc/umbra/umbrad.toml";
 
 // Reads the TOML file at `path` into *cfg (keys: state_dir, socket, fuse_dir,
-// admin_group, copy_timeout_ms). An unknown key, a wrong type or a syntax
+// admin_group, copy_timeout_ms, origin_cache). An unknown key, a wrong type or a syntax
 // error fails with kInvalidArgument naming the file, line and key.
 Status LoadConfigFile(const std::string& path, Config* cfg);
 

@@ -150,7 +150,7 @@ VolumeConfig Daemon::EngineConfig(const VolumeRecord& rec) const {
   c.chunk_size = rec.chunk_size;
   c.max_size = MaxSize::Percent(kDefaultStoragePercent);
   c.copy_timeout_ms = cfg_.copy_timeout_ms;
-  c.direct_io = rec.size % 4096 == 0;
+  c.direct_io = cfg_.origin_cache == "direct" && rec.size % 4096 == 0;
   return c;
 }
 
@@ -255,7 +255,6 @@ Status Daemon::Start() {
 
   UMBRA_RETURN_IF_ERROR(MkdirP(cfg_.fuse_dir, 0700));
   FuseExport::Options opts;
-  opts.max_threads = 8;
   opts.fsname = "umbra";
   auto ex = FuseExport::Mount(cfg_.fuse_dir, opts);
   if (!ex.ok()) return ex.status().Annotate("mounting the FUSE export on " + cfg_.fuse_dir);

@@ -40,6 +40,7 @@ constexpr const char* kFooter = R"(CONFIGURATION
     fuse_dir = "/run/umbra/dev"         FUSE mount serving attached devices
     admin_group = "umbra"               members may use every request
     copy_timeout_ms = 10000             a slower copy invalidates snapshots
+    origin_cache = "writeback"          or "direct" (O_DIRECT on volume data)
   Command-line options override the file.
 
 FILES

@@ -764,21 +764,32 @@ Status VolumeImpl::SyncFreeMap() {
 // ------------------------------------------------------------ copier --
 
 void VolumeImpl::Submit(std::vector<std::shared_ptr<CopyJob>>& jobs) {
+  auto wait = std::make_shared<CopyWait>();
   {
     std::lock_guard l(copier_mu_);
-    for (auto& j : jobs) queue_.push_back(j);
+    for (auto& j : jobs) {
+      j->wait = wait;
+      queue_.push_back(j);
+    }
   }
-  copier_cv_.notify_one();
+  if (jobs.size() == 1) {
+    copier_cv_.notify_one();
+  } else {
+    copier_cv_.notify_all();
+  }
 }
 
 bool VolumeImpl::WaitJobs(std::vector<std::shared_ptr<CopyJob>>& jobs) {
   auto deadline = std::chrono::steady_clock::now() +
                   std::chrono::milliseconds(cfg_.copy_timeout_ms) + std::chrono::milliseconds(50);
-  std::unique_lock l(copier_mu_);
+  CopyWait& w = *jobs.front()->wait;
+  std::unique_lock l(w.mu);
   auto all_done = [&] {
     return std::all_of(jobs.begin(), jobs.end(), [](auto& j) { return j->state.load() != 0; });
   };
-  if (done_cv_.wait_until(l, deadline, all_done)) return true;
+  if (w.cv.wait_until(l, deadline, all_done)) return true;
+  // Give up: a job still pending becomes abandoned (the copier sees its CAS
+  // fail and frees the slots); one that finished meanwhile stays done.
   for (auto& j : jobs) {
     int expected = 0;
     j->state.compare_exchange_strong(expected, 2);
@@ -838,15 +849,18 @@ void VolumeImpl::CopierMain() {
     }
     uint64_t dt = env_->NowNanos() - t0;
     std::vector<std::shared_ptr<CopyJob>> orphans;
-    {
-      std::lock_guard l(copier_mu_);
-      for (auto& j : batch) {
-        j->duration_ns = dt;
-        int expected = 0;
-        if (!j->state.compare_exchange_strong(expected, 1)) orphans.push_back(j);
+    for (auto& j : batch) {
+      j->duration_ns = dt;
+      int expected = 0;
+      if (!j->state.compare_exchange_strong(expected, 1)) {
+        orphans.push_back(j);
+        continue;
       }
+      // Taking the waiter's mutex orders this wake-up after its predicate
+      // check (no lost wake-up); then wake that writer alone.
+      { std::lock_guard g(j->wait->mu); }
+      j->wait->cv.notify_all();
     }
-    done_cv_.notify_all();
     if (!orphans.empty()) {
       // The writer gave up waiting and invalidated the snapshots; the slot
       // is ours to free (after the invalidation record, which came first).

@@ -52,6 +52,13 @@ class BufferPool {
 
 // A run of consecutive chunks to preserve, read from the origin in one call.
 // The copier writes runs of consecutive slots in one call too.
+// One writer's wait for its copy jobs: the copier wakes only that writer
+// (a shared condition variable woke every waiting writer on every copy).
+struct CopyWait {
+  std::mutex mu;
+  std::condition_variable cv;
+};
+
 struct CopyJob {
   struct Item {
     uint64_t chunk;
@@ -66,6 +73,7 @@ struct CopyJob {
   std::atomic<int> state{0};
   Status status;
   uint64_t duration_ns = 0;
+  std::shared_ptr<CopyWait> wait;  // set by Submit
 };
 
 class VolumeImpl final : public Volume {
@@ -179,7 +187,6 @@ class VolumeImpl final : public Volume {
 
   std::mutex copier_mu_;
   std::condition_variable copier_cv_;
-  std::condition_variable done_cv_;
   std::deque<std::shared_ptr<CopyJob>> queue_;
   bool stop_ = false;
   std::vector<std::thread> copiers_;

@@ -40,7 +40,8 @@
 //
 // Threading: Mount() starts one session thread that calls
 // fuse_session_loop_mt; libfuse starts worker threads from it on demand, up
-// to Options::max_threads, and (idle limit = max) never destroys them, so
+// to Options::max_threads (default 32, with max_background 128 so that the
+// kernel does not cap the loop driver's queue at its default of 12), and (idle limit = max) never destroys them, so
 // there is no thread churn on the I/O path. The session thread sets
 // PR_SET_IO_FLUSHER before the workers exist (the flag is inherited by
 // threads it creates), and every serving thread also sets it on its first
@@ -395,10 +396,14 @@ std::shared_ptr<Entry> Impl::FindIno(fuse_ino_t ino) {
   return it == by_ino_.end() ? nullptr : it->second;
 }
 
-void Impl::OnInit(void*, fuse_conn_info* conn) {
+void Impl::OnInit(void* userdata, fuse_conn_info* conn) {
   MarkIoFlusher();
+  const Options& opts = static_cast<Impl*>(userdata)->opts_;
   // Direct I/O from the loop driver arrives as async requests in parallel.
   if (conn->capable & FUSE_CAP_ASYNC_DIO) conn->want |= FUSE_CAP_ASYNC_DIO;
+  // Async requests count as "background": let a whole queue be in flight.
+  conn->max_background = std::max(1u, std::min(opts.max_background, 65535u));
+  conn->congestion_threshold = std::max(1u, conn->max_background * 3 / 4);
   // Splice would hand write data in a pipe that must be copied out anyway.
   conn->want &= ~(FUSE_CAP_SPLICE_READ | FUSE_CAP_SPLICE_WRITE | FUSE_CAP_SPLICE_MOVE);
 }

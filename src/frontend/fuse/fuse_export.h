@@ -19,7 +19,13 @@ class FuseExport {
   struct Options {
     // Upper bound on serving threads (libfuse creates them as needed and,
     // with this setting, never destroys them).
-    unsigned max_threads = 8;
+    // 32: the loop driver keeps up to its queue depth of direct I/Os in
+    // flight, and a thread blocked in a disk write serves nothing else.
+    unsigned max_threads = 32;
+    // How many asynchronous requests (the loop driver's direct I/O) the
+    // kernel lets be outstanding before it queues them itself (kernel
+    // default 12, which caps a queue depth of 32 at 12).
+    unsigned max_background = 128;
     // Shown as the mount's source in /proc/mounts ("umbra" -> "umbra on DIR").
     std::string fsname = "umbra";
   };
