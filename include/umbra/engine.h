@@ -133,6 +133,10 @@ class Volume {
   virtual StorageUsage GetStorageUsage() = 0;
   virtual Status SetMaxSize(MaxSize max) = 0;
   virtual Status SetProtection(ProtectionLevel level) = 0;
+  // The bound on a writer's wait for its copies (VolumeConfig::
+  // copy_timeout_ms); journaled like the other settings. Open() restores the
+  // journaled value, so a service applies its configured one after opening.
+  virtual Status SetCopyTimeout(uint32_t ms) = 0;
 
   // Flushes and writes a checkpoint; deletes auto-release snapshots. The
   // destructor calls it if it was not called.

@@ -154,6 +154,16 @@ VolumeConfig Daemon::EngineConfig(const VolumeRecord& rec) const {
   return c;
 }
 
+// The engine restores settings from its journal; the configured copy
+// timeout wins (an edited umbrad.toml applies to existing volumes).
+Result<std::unique_ptr<Volume>> Daemon::OpenEngine(const VolumeRecord& rec) const {
+  auto v = Volume::Open(DefaultEnv(), EngineConfig(rec));
+  if (!v.ok()) return v;
+  if (Status s = (*v)->SetCopyTimeout(cfg_.copy_timeout_ms); !s.ok())
+    LogWarning("volume '" + rec.name + "': applying copy_timeout_ms: " + s.message());
+  return v;
+}
+
 // ---- start-up and shut-down --------------------------------------------------
 
 void Daemon::Reconcile() {
@@ -233,7 +243,7 @@ Status Daemon::Start() {
   for (VolumeRecord& rec : *recs) {
     auto e = std::make_unique<VolumeEntry>();
     e->rec = rec;
-    auto v = Volume::Open(DefaultEnv(), EngineConfig(rec));
+    auto v = OpenEngine(rec);
     if (v.ok()) {
       e->holder->volume = std::move(*v);
       open.push_back(e->holder->volume.get());
@@ -838,7 +848,7 @@ Status Daemon::MoveStorage(VolumeEntry& v, const std::string& dir, const MaxSize
     }
   }
   // Reopen the old store (it has no snapshots; nothing is lost either way).
-  auto ov = Volume::Open(DefaultEnv(), EngineConfig(v.rec));
+  auto ov = OpenEngine(v.rec);
   if (ov.ok()) {
     v.holder->volume = std::move(*ov);
   } else {

@@ -123,6 +123,7 @@ class Daemon {
   Json SnapshotObject(const VolumeEntry& v, const SnapshotInfo& s);
   Status SaveRegistryLocked();
   VolumeConfig EngineConfig(const VolumeRecord& rec) const;
+  Result<std::unique_ptr<Volume>> OpenEngine(const VolumeRecord& rec) const;
   Result<Json> AddVolume(VolumeRecord rec, const std::string& created_file);
   // Moves shadow storage of `v` to `dir` (no snapshots allowed).
   Status MoveStorage(VolumeEntry& v, const std::string& dir, const MaxSize& max);

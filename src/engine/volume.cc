@@ -99,6 +99,7 @@ VolumeImpl::VolumeImpl(Env* env, VolumeConfig cfg, Uuid uuid, uint64_t size,
       run_pool_(std::max<size_t>(cfg_.chunk_size, 1 << 20)),
       zeros_(cfg_.chunk_size),
       state_((size + cfg_.chunk_size - 1) / cfg_.chunk_size, cfg_.chunk_size) {
+  copy_timeout_ms_.store(cfg_.copy_timeout_ms);
   // Several copiers so that concurrent writers' copies (and, for persistent
   // snapshots, their syncs) overlap; the journal batches their syncs.
   for (int i = 0; i < kCopiers; ++i) copiers_.emplace_back([this] { CopierMain(); });
@@ -199,6 +200,7 @@ Status VolumeImpl::Recover() {
       cfg_.max_size = MaxSize{static_cast<MaxSize::Kind>(r.max_kind), r.max_value};
       cfg_.protection = static_cast<ProtectionLevel>(r.protection);
       cfg_.copy_timeout_ms = r.copy_timeout_ms;
+      copy_timeout_ms_.store(r.copy_timeout_ms);
       return Status::Ok();
     }
     return state_.Apply(r);
@@ -781,7 +783,7 @@ void VolumeImpl::Submit(std::vector<std::shared_ptr<CopyJob>>& jobs) {
 
 bool VolumeImpl::WaitJobs(std::vector<std::shared_ptr<CopyJob>>& jobs) {
   auto deadline = std::chrono::steady_clock::now() +
-                  std::chrono::milliseconds(cfg_.copy_timeout_ms) + std::chrono::milliseconds(50);
+                  std::chrono::milliseconds(copy_timeout_ms_.load()) + std::chrono::milliseconds(50);
   CopyWait& w = *jobs.front()->wait;
   std::unique_lock l(w.mu);
   auto all_done = [&] {
@@ -1104,6 +1106,19 @@ Status VolumeImpl::SetMaxSize(MaxSize max) {
         FormatBytes(state_.slots_in_use() * uint64_t{cfg_.chunk_size}) +
         " in use; delete snapshots first");
   }
+  uint64_t lsn = journal_->Append(ConfigRecord());
+  auto jnl = journal_;
+  l.unlock();
+  return jnl->SyncTo(lsn);
+}
+
+Status VolumeImpl::SetCopyTimeout(uint32_t ms) {
+  if (ms == 0) return Status::InvalidArgument("copy timeout must be at least 1 ms");
+  std::lock_guard a(admin_mu_);
+  std::unique_lock l(meta_mu_);
+  if (cfg_.copy_timeout_ms == ms) return Status::Ok();
+  cfg_.copy_timeout_ms = ms;
+  copy_timeout_ms_.store(ms);
   uint64_t lsn = journal_->Append(ConfigRecord());
   auto jnl = journal_;
   l.unlock();

@@ -103,6 +103,7 @@ class VolumeImpl final : public Volume {
   StorageUsage GetStorageUsage() override;
   Status SetMaxSize(MaxSize max) override;
   Status SetProtection(ProtectionLevel level) override;
+  Status SetCopyTimeout(uint32_t ms) override;
   Status Close() override;
 
   // Snapshot sets (snapshot_set.cc).
@@ -179,6 +180,8 @@ class VolumeImpl final : public Volume {
   State state_;
   std::shared_ptr<Journal> journal_;
   std::atomic<bool> cow_active_{false};
+  // cfg_.copy_timeout_ms for readers that hold no lock (WaitJobs).
+  std::atomic<uint32_t> copy_timeout_ms_{0};
   std::atomic<uint64_t> copies_{0};
   std::atomic<uint64_t> zero_copies_{0};
   bool closed_ = false;

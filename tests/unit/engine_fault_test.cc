@@ -169,6 +169,37 @@ TEST_F(FaultTest, SlowCopyInvalidates) {
   EXPECT_TRUE(LiveEquals(*vol_, live_));
 }
 
+// SetCopyTimeout changes the bound at once and is journaled: a reopen with
+// another configured value restores it (the daemon then applies its own).
+TEST_F(FaultTest, SetCopyTimeoutAppliesAndPersists) {
+  Open(MaxSize::Unbounded(), ProtectionLevel::kVolume, /*timeout_ms=*/1000);
+  std::string s1 = Snap();
+  FaultEnv::Rule r;
+  r.path_substr = "umbra-shadow.data";
+  r.ops = FaultEnv::Mask(FaultEnv::Op::kWrite);
+  r.delay_ns = 200'000'000;  // MemEnv's clock: within 1000 ms, past 50 ms
+  r.count = 1;
+  fault_.AddRule(r);
+  Write(0, RandomBytes(rng_, 10));
+  EXPECT_TRUE(Info(s1).valid) << "a 200 ms copy is within the 1000 ms bound";
+  EXPECT_EQ(vol_->SetCopyTimeout(0).code(), Code::kInvalidArgument);
+  ASSERT_TRUE(vol_->SetCopyTimeout(50).ok());
+  EXPECT_EQ(vol_->config().copy_timeout_ms, 50u);
+  fault_.AddRule(r);
+  Write(kChunk, RandomBytes(rng_, 10));
+  ExpectInvalid(s1, InvalidCause::kCopyTooSlow);
+
+  ASSERT_TRUE(vol_->Close().ok());
+  vol_.reset();
+  VolumeConfig c = cfg_;
+  c.copy_timeout_ms = 1000;
+  auto v = Volume::Open(&fault_, c);
+  ASSERT_TRUE(v.ok()) << v.status().ToString();
+  EXPECT_EQ((*v)->config().copy_timeout_ms, 50u) << "the journaled value is restored";
+  ASSERT_TRUE((*v)->SetCopyTimeout(1000).ok());
+  EXPECT_EQ((*v)->config().copy_timeout_ms, 1000u);
+}
+
 TEST_F(FaultTest, JournalFailureFailsPersistentCreateCleanly) {
   Open();
   FaultEnv::Rule r;
