@@ -61,7 +61,9 @@ uint64_t UnixNowNs() {
 
 constexpr uint64_t kDirectAlign = 4096;
 constexpr uint64_t kRotateBytes = 64ull << 20;
-constexpr int kCopiers = 4;
+constexpr int kCopiers = 2;
+// Most chunks one copier pass takes from the queue.
+constexpr size_t kCopierBatchItems = 256;
 
 bool Aligned(uint64_t v) { return v % kDirectAlign == 0; }
 
@@ -806,8 +808,14 @@ void VolumeImpl::CopierMain() {
       std::unique_lock l(copier_mu_);
       copier_cv_.wait(l, [&] { return stop_ || !queue_.empty(); });
       if (queue_.empty() && stop_) return;
-      batch.push_back(std::move(queue_.front()));
-      queue_.pop_front();
+      // Take everything queued (bounded): one pass writes it, appends its
+      // records and, for persistent snapshots, syncs it once.
+      size_t items = 0;
+      while (!queue_.empty() && items < kCopierBatchItems) {
+        items += queue_.front()->items.size();
+        batch.push_back(std::move(queue_.front()));
+        queue_.pop_front();
+      }
     }
     uint64_t t0 = env_->NowNanos();
     uint64_t max_lsn = 0;
