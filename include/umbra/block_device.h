@@ -26,6 +26,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <shared_mutex>
 #include <span>
 #include <string>
 
@@ -58,5 +59,21 @@ std::unique_ptr<BlockDevice> VolumeDevice(Volume* volume);
 // kNotFound -> ENOENT); writes, discards and write-zeroes fail with EROFS.
 // Does not own `volume`.
 std::unique_ptr<BlockDevice> SnapshotDevice(Volume* volume, std::string snapshot_id);
+
+// A Volume that its owner may replace while devices serve it (umbrad does
+// when shadow storage moves: the engine Volume is re-created on the new
+// location while the loop device and the filesystem on it stay). Devices take
+// `mu` shared for each call; the owner takes it exclusively to swap `volume`.
+// While `volume` is null, calls fail with kIOError ("volume is closed").
+struct SwappableVolume {
+  std::shared_mutex mu;
+  std::unique_ptr<Volume> volume;  // guarded by mu
+};
+
+// The same two devices over a SwappableVolume (which must outlive them);
+// `size` is the volume's size, fixed for the device's life.
+std::unique_ptr<BlockDevice> VolumeDevice(SwappableVolume* volume, uint64_t size);
+std::unique_ptr<BlockDevice> SnapshotDevice(SwappableVolume* volume, uint64_t size,
+                                            std::string snapshot_id);
 
 }  // namespace umbra

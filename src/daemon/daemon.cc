@@ -712,13 +712,12 @@ Result<Json> Daemon::OpVolumeAttach(const Json& args, const Peer&) {
                                  v->live_loop.path());
   const std::string file = "vol-" + name;
   if (!v->live_dev) {
-    auto dev = HeldVolumeDevice(v->holder.get(), v->rec.size);
+    auto dev = VolumeDevice(v->holder.get(), v->rec.size);
     UMBRA_RETURN_IF_ERROR(export_->Add(file, dev.get(), 0600));
     v->live_dev = std::move(dev);
   }
-  auto loop =
-      LoopDevice::Attach(export_->PathOf(file), /*read_only=*/false, /*direct_io=*/true, 4096,
-                         LoopDevice::Hold::kReleased);
+  auto loop = LoopDevice::Attach(export_->PathOf(file), /*read_only=*/false, /*direct_io=*/true,
+                                 4096, LoopDevice::Hold::kReleased);
   if (!loop.ok()) {
     if (export_->Remove(file, kRemoveGrace).ok()) v->live_dev.reset();
     return loop.status().Annotate("attaching a loop device to volume '" + name + "'");
@@ -1052,7 +1051,7 @@ Result<Json> Daemon::OpSnapshotAttach(const Json& args, const Peer&) {
   auto a = std::make_unique<SnapshotAttachment>();
   a->volume = v->rec.name;
   a->file = "snap-" + id;
-  a->dev = HeldSnapshotDevice(v->holder.get(), v->rec.size, id);
+  a->dev = SnapshotDevice(v->holder.get(), v->rec.size, id);
   UMBRA_RETURN_IF_ERROR(export_->Add(a->file, a->dev.get(), 0400));
   auto loop = LoopDevice::Attach(export_->PathOf(a->file), /*read_only=*/true,
                                  /*direct_io=*/true, 4096, LoopDevice::Hold::kReleased);
@@ -1134,8 +1133,8 @@ Result<Json> Daemon::OpSnapshotMount(const Json& args, const Peer&) {
   auto undo_dir = [&] {
     if (m->created_dir) ::rmdir(dir.c_str());
   };
-  auto overlay = MakeOverlayDevice(HeldSnapshotDevice(v->holder.get(), v->rec.size, id),
-                                   cfg_.state_dir + "/tmp");
+  auto overlay =
+      MakeOverlayDevice(SnapshotDevice(v->holder.get(), v->rec.size, id), cfg_.state_dir + "/tmp");
   if (!overlay.ok()) {
     undo_dir();
     return overlay.status();

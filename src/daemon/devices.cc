@@ -11,65 +11,10 @@
 namespace umbra::daemon {
 namespace {
 
-Status Closed() { return Status(Code::kIOError, "volume is closed", EIO); }
-
 Status CheckRange(uint64_t size, uint64_t off, uint64_t len) {
   if (off > size || len > size - off) return Status::InvalidArgument("range beyond the device");
   return Status::Ok();
 }
-
-class HeldVolume final : public BlockDevice {
- public:
-  HeldVolume(VolumeHolder* h, uint64_t size) : h_(h), size_(size) {}
-  uint64_t size() const override { return size_; }
-  bool read_only() const override { return false; }
-  Status Read(uint64_t off, std::span<std::byte> buf) override {
-    std::shared_lock l(h_->mu);
-    return h_->volume ? h_->volume->Read(off, buf) : Closed();
-  }
-  Status Write(uint64_t off, std::span<const std::byte> buf, bool fua) override {
-    std::shared_lock l(h_->mu);
-    return h_->volume ? h_->volume->Write(off, buf, fua) : Closed();
-  }
-  Status Flush() override {
-    std::shared_lock l(h_->mu);
-    return h_->volume ? h_->volume->Flush() : Closed();
-  }
-  Status Discard(uint64_t off, uint64_t len) override {
-    std::shared_lock l(h_->mu);
-    return h_->volume ? h_->volume->Discard(off, len) : Closed();
-  }
-  Status WriteZeroes(uint64_t off, uint64_t len) override {
-    std::shared_lock l(h_->mu);
-    return h_->volume ? h_->volume->WriteZeroes(off, len) : Closed();
-  }
-
- private:
-  VolumeHolder* const h_;
-  const uint64_t size_;
-};
-
-class HeldSnapshot final : public BlockDevice {
- public:
-  HeldSnapshot(VolumeHolder* h, uint64_t size, std::string id)
-      : h_(h), size_(size), id_(std::move(id)) {}
-  uint64_t size() const override { return size_; }
-  bool read_only() const override { return true; }
-  Status Read(uint64_t off, std::span<std::byte> buf) override {
-    std::shared_lock l(h_->mu);
-    return h_->volume ? h_->volume->ReadSnapshot(id_, off, buf) : Closed();
-  }
-  Status Write(uint64_t, std::span<const std::byte>, bool) override { return ReadOnly(); }
-  Status Flush() override { return Status::Ok(); }
-  Status Discard(uint64_t, uint64_t) override { return ReadOnly(); }
-  Status WriteZeroes(uint64_t, uint64_t) override { return ReadOnly(); }
-
- private:
-  Status ReadOnly() const { return Status::FromErrno(EROFS, "snapshot " + id_ + " is read-only"); }
-  VolumeHolder* const h_;
-  const uint64_t size_;
-  const std::string id_;
-};
 
 constexpr uint64_t kBlock = 4096;
 
@@ -204,15 +149,6 @@ class Overlay final : public BlockDevice {
 };
 
 }  // namespace
-
-std::unique_ptr<BlockDevice> HeldVolumeDevice(VolumeHolder* holder, uint64_t size) {
-  return std::make_unique<HeldVolume>(holder, size);
-}
-
-std::unique_ptr<BlockDevice> HeldSnapshotDevice(VolumeHolder* holder, uint64_t size,
-                                                std::string snapshot_id) {
-  return std::make_unique<HeldSnapshot>(holder, size, std::move(snapshot_id));
-}
 
 Result<std::unique_ptr<BlockDevice>> MakeOverlayDevice(std::unique_ptr<BlockDevice> base,
                                                        const std::string& tmp_dir) {

@@ -27,16 +27,9 @@
 
 namespace umbra::daemon {
 
-struct VolumeHolder {
-  std::shared_mutex mu;
-  std::unique_ptr<Volume> volume;  // guarded by mu; null while closed
-};
-
-// The live volume held by `holder` (which must outlive the device).
-std::unique_ptr<BlockDevice> HeldVolumeDevice(VolumeHolder* holder, uint64_t size);
-// A snapshot of the volume held by `holder`, read-only.
-std::unique_ptr<BlockDevice> HeldSnapshotDevice(VolumeHolder* holder, uint64_t size,
-                                                std::string snapshot_id);
+// The engine Volume of one protected volume; the daemon serves it with the
+// front end's VolumeDevice/SnapshotDevice over this holder.
+using VolumeHolder = SwappableVolume;
 
 // A writable overlay over `base` (size a multiple of 4096); the temporary
 // file is created (unlinked) in `tmp_dir`.

@@ -32,6 +32,7 @@
 #include <vector>
 
 #include "control/protocol.h"
+#include "system_util.h"
 
 namespace umbra {
 namespace {
@@ -41,19 +42,12 @@ using control::Client;
 using control::Json;
 using namespace std::chrono_literals;
 
-constexpr uint64_t kMiB = 1 << 20;
-
-int Sh(const std::string& cmd, std::string* out = nullptr) {
-  FILE* p = ::popen((cmd + " 2>&1").c_str(), "r");
-  if (p == nullptr) return -1;
-  char buf[4096];
-  size_t n;
-  std::string text;
-  while ((n = std::fread(buf, 1, sizeof(buf), p)) > 0) text.append(buf, n);
-  int st = ::pclose(p);
-  if (out != nullptr) *out += text;
-  return WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
-}
+using test_util::CopyDevice;
+using test_util::kMiB;
+using test_util::ReadFile;
+using test_util::SameBytes;
+using test_util::Sh;
+using Buffer = test_util::AlignedBuffer;
 
 std::string MissingPrerequisite() {
   if (::geteuid() != 0) return "needs root";
@@ -63,13 +57,6 @@ std::string MissingPrerequisite() {
     if (Sh(std::string("command -v ") + t + " || test -x /sbin/" + t) != 0)
       return std::string(t) + " not installed";
   return "";
-}
-
-std::string ReadFile(const std::string& path) {
-  std::ifstream in(path);
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
 }
 
 void WriteFile(const std::string& path, const std::string& data) {
@@ -101,53 +88,6 @@ std::vector<std::string> LoopsUnder(const std::string& prefix) {
     if (backing.rfind(prefix, 0) == 0) out.push_back("/dev/" + name);
   }
   return out;
-}
-
-// Aligned buffer for O_DIRECT.
-struct Buffer {
-  explicit Buffer(size_t n) : p(static_cast<char*>(std::aligned_alloc(4096, n))) {}
-  ~Buffer() { std::free(p); }
-  Buffer(const Buffer&) = delete;
-  Buffer& operator=(const Buffer&) = delete;
-  char* p;
-};
-
-::testing::AssertionResult CopyDevice(const std::string& dev, uint64_t size,
-                                      const std::string& to) {
-  int in = ::open(dev.c_str(), O_RDONLY | O_DIRECT | O_CLOEXEC);
-  int out = ::open(to.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
-  Buffer buf(kMiB);
-  bool ok = in >= 0 && out >= 0;
-  for (uint64_t off = 0; ok && off < size; off += kMiB)
-    ok = ::pread(in, buf.p, kMiB, static_cast<off_t>(off)) == static_cast<ssize_t>(kMiB) &&
-         ::pwrite(out, buf.p, kMiB, static_cast<off_t>(off)) == static_cast<ssize_t>(kMiB);
-  int e = errno;
-  if (in >= 0) ::close(in);
-  if (out >= 0) ::close(out);
-  if (!ok) return ::testing::AssertionFailure() << "copy " << dev << ": " << std::strerror(e);
-  return ::testing::AssertionSuccess();
-}
-
-::testing::AssertionResult SameBytes(const std::string& dev, const std::string& ref,
-                                     uint64_t size) {
-  int a = ::open(dev.c_str(), O_RDONLY | O_DIRECT | O_CLOEXEC);
-  int b = ::open(ref.c_str(), O_RDONLY | O_CLOEXEC);
-  Buffer x(kMiB), y(kMiB);
-  ::testing::AssertionResult r = ::testing::AssertionSuccess();
-  if (a < 0 || b < 0) r = ::testing::AssertionFailure() << "open " << dev << " / " << ref;
-  for (uint64_t off = 0; r && off < size; off += kMiB) {
-    if (::pread(a, x.p, kMiB, static_cast<off_t>(off)) != static_cast<ssize_t>(kMiB) ||
-        ::pread(b, y.p, kMiB, static_cast<off_t>(off)) != static_cast<ssize_t>(kMiB)) {
-      r = ::testing::AssertionFailure() << "short read at " << off << ": " << std::strerror(errno);
-    } else if (std::memcmp(x.p, y.p, kMiB) != 0) {
-      size_t i = 0;
-      while (x.p[i] == y.p[i]) ++i;
-      r = ::testing::AssertionFailure() << dev << " differs from the reference at byte " << off + i;
-    }
-  }
-  if (a >= 0) ::close(a);
-  if (b >= 0) ::close(b);
-  return r;
 }
 
 // A temp directory holding one umbrad's state, socket, FUSE dir and mount

@@ -10,30 +10,23 @@
 #include <fstream>
 
 #include "daemon/config.h"
+#include "system_util.h"
 
 namespace umbra::daemon {
 namespace {
 
 namespace fs = std::filesystem;
 
-class TempDir {
+class TempDir : public test_util::TempDir {
  public:
-  TempDir() {
-    char t[] = "/var/tmp/umbra-registry-test-XXXXXX";
-    if (::mkdtemp(t) != nullptr) path = t;
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path, ec);
-  }
-  std::string path;
+  TempDir() : test_util::TempDir("umbra-registry-test") {}
 };
 
 void Write(const std::string& path, const std::string& text) { std::ofstream(path) << text; }
 
 TEST(RegistryTest, RoundTripsAndLeavesNoTempFile) {
   TempDir d;
-  const std::string path = d.path + "/volumes.json";
+  const std::string path = d.path() + "/volumes.json";
   auto empty = LoadRegistry(path);
   ASSERT_TRUE(empty.ok());
   EXPECT_TRUE(empty->empty());
@@ -73,7 +66,7 @@ TEST(RegistryTest, RoundTripsAndLeavesNoTempFile) {
 
 TEST(RegistryTest, CorruptFileIsAClearError) {
   TempDir d;
-  const std::string path = d.path + "/volumes.json";
+  const std::string path = d.path() + "/volumes.json";
   for (const char* text : {"{not json", "[]", "{\"version\": 2, \"volumes\": []}",
                            "{\"version\": 1, \"volumes\": [{\"name\": 3}]}"}) {
     Write(path, text);
@@ -86,7 +79,7 @@ TEST(RegistryTest, CorruptFileIsAClearError) {
 
 TEST(ConfigTest, ReadsKeysAndRejectsBadOnes) {
   TempDir d;
-  const std::string path = d.path + "/umbrad.toml";
+  const std::string path = d.path() + "/umbrad.toml";
   Write(path,
         "state_dir = \"/srv/umbra\"\nsocket = \"/run/u.sock\"\nfuse_dir = \"/run/u\"\n"
         "admin_group = \"umbra\"\ncopy_timeout_ms = 2500\norigin_cache = \"direct\"\n");
@@ -99,9 +92,9 @@ TEST(ConfigTest, ReadsKeysAndRejectsBadOnes) {
   EXPECT_EQ(cfg.copy_timeout_ms, 2500u);
   EXPECT_EQ(cfg.origin_cache, "direct");
   EXPECT_EQ(Config().origin_cache, "writeback");
-  for (const char* text : {"statedir = \"/x\"\n", "copy_timeout_ms = \"soon\"\n",
-                           "copy_timeout_ms = 0\n", "socket = 5\n", "state_dir = \n",
-                           "origin_cache = \"none\"\n", "origin_cache = 1\n"}) {
+  for (const char* text :
+       {"statedir = \"/x\"\n", "copy_timeout_ms = \"soon\"\n", "copy_timeout_ms = 0\n",
+        "socket = 5\n", "state_dir = \n", "origin_cache = \"none\"\n", "origin_cache = 1\n"}) {
     Write(path, text);
     Config c;
     Status s = LoadConfigFile(path, &c);
@@ -110,7 +103,7 @@ TEST(ConfigTest, ReadsKeysAndRejectsBadOnes) {
     EXPECT_EQ(c.state_dir, Config().state_dir) << "a bad file changed the config";
   }
   Config c;
-  EXPECT_EQ(LoadConfigFile(d.path + "/missing.toml", &c).code(), Code::kInvalidArgument);
+  EXPECT_EQ(LoadConfigFile(d.path() + "/missing.toml", &c).code(), Code::kInvalidArgument);
 }
 
 }  // namespace

@@ -84,5 +84,52 @@ TEST_F(BlockDeviceTest, SnapshotDeviceIsReadOnlyAndPointInTime) {
   EXPECT_FALSE(dev->Read(0, got).ok());
 }
 
+// Over a SwappableVolume: calls reach whatever Volume is held now; while
+// none is held they fail with kIOError (EIO); a snapshot device keeps
+// reading its snapshot across a swap to a reopened Volume.
+TEST_F(BlockDeviceTest, SwappableVolumeFollowsTheHeldVolume) {
+  ASSERT_TRUE(vol_->Write(0, Pattern(kChunk, 0x22)).ok());
+  auto snap = vol_->CreateSnapshot({true, ""});
+  ASSERT_TRUE(snap.ok()) << snap.status().ToString();
+  ASSERT_TRUE(vol_->Write(0, Pattern(kChunk, 0x33)).ok());
+  const VolumeConfig cfg = vol_->config();
+
+  SwappableVolume held;
+  held.volume = std::move(vol_);
+  auto live = VolumeDevice(&held, kSize);
+  auto sdev = SnapshotDevice(&held, kSize, snap->id);
+  EXPECT_EQ(live->size(), kSize);
+  EXPECT_TRUE(sdev->read_only());
+  Bytes got(kChunk);
+  ASSERT_TRUE(live->Read(0, got).ok());
+  EXPECT_EQ(got, Pattern(kChunk, 0x33));
+  ASSERT_TRUE(sdev->Read(0, got).ok());
+  EXPECT_EQ(got, Pattern(kChunk, 0x22));
+  EXPECT_EQ(sdev->Write(0, got, false).ToErrno(), EROFS);
+
+  {
+    std::unique_lock l(held.mu);
+    ASSERT_TRUE(held.volume->Close().ok());
+    held.volume.reset();
+  }
+  Status closed = live->Read(0, got);
+  EXPECT_EQ(closed.code(), Code::kIOError);
+  EXPECT_EQ(closed.ToErrno(), EIO);
+  EXPECT_EQ(sdev->Read(0, got).code(), Code::kIOError);
+  EXPECT_EQ(live->Flush().code(), Code::kIOError);
+
+  {
+    std::unique_lock l(held.mu);
+    auto v = Volume::Open(&env_, cfg);
+    ASSERT_TRUE(v.ok()) << v.status().ToString();
+    held.volume = std::move(*v);
+  }
+  ASSERT_TRUE(sdev->Read(0, got).ok()) << "the persistent snapshot survives the reopen";
+  EXPECT_EQ(got, Pattern(kChunk, 0x22));
+  ASSERT_TRUE(live->Write(kChunk, Pattern(kChunk, 0x44), true).ok());
+  ASSERT_TRUE(held.volume->Read(kChunk, got).ok());
+  EXPECT_EQ(got, Pattern(kChunk, 0x44));
+}
+
 }  // namespace
 }  // namespace umbra
