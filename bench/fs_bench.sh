@@ -7,6 +7,7 @@
 #
 #   bench/fs_bench.sh [OUT_DIR]      (root; RUNTIME=10 SIZE=4G PEERS=0)
 #   WORKLOADS="randwrite4k seqwrite1m" SNAPS="0 1" bench/fs_bench.sh   (a subset)
+#   ORIGIN_CACHE=direct bench/fs_bench.sh   (umbrad's origin_cache; default writeback)
 #
 # Workloads (fio --direct=1 --ioengine=libaio on a 1 GiB file f1, as in the
 # peers' harness): randwrite4k, seqwrite1m, randread4k (time based), first4k
@@ -23,6 +24,7 @@ SIZE=${SIZE:-4G}
 PEERS=${PEERS:-0}
 WORKLOADS=${WORKLOADS:-randwrite4k seqwrite1m randread4k first4k firstseq1m}
 SNAPS=${SNAPS:-0 1 16}
+ORIGIN_CACHE=${ORIGIN_CACHE:-writeback}
 bin=${UMBRA_BIN:-build/release/src}
 [[ $(id -u) -eq 0 ]] || { echo "fs_bench: needs root" >&2; exit 1; }
 command -v fio >/dev/null || { echo "fs_bench: fio missing (scripts/setup.sh installs it)" >&2; exit 1; }
@@ -129,9 +131,10 @@ umount "$mnt"
 losetup -d "$rawloop"
 rawloop=""
 
-log "UMBRA: umbrad, volume attached as a loop device over its FUSE file"
+log "UMBRA: umbrad (origin_cache $ORIGIN_CACHE), volume attached as a loop device over its FUSE file"
+echo "origin_cache = \"$ORIGIN_CACHE\"" >"$work/umbrad.toml"
 "$bin/umbrad" --foreground --state-dir "$work/state" --socket "$UMBRA_SOCKET" --fuse-dir "$work/dev" \
-  2>"$work/umbrad.log" &
+  --config "$work/umbrad.toml" 2>"$work/umbrad.log" &
 daemon_pid=$!
 for _ in $(seq 100); do "$bin/umbra" daemon status >/dev/null 2>&1 && break; sleep 0.1; done
 "$bin/umbra" volume create v --size "$SIZE" >/dev/null
