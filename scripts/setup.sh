@@ -15,6 +15,7 @@ PACKAGES=(
   nlohmann-json3-dev libcli11-dev libtomlplusplus-dev libsystemd-dev
   fio e2fsprogs xfsprogs util-linux procps
   libfuse3-dev fuse3
+  libnbd-bin nbdfuse qemu-utils clang
   python3
 )
 

@@ -1,4 +1,4 @@
-// umbra snapshot create|list|delete|attach|detach|mount|unmount|revert.
+// umbra snapshot create|list|delete|attach|detach|export|mount|unmount|revert.
 #include <unistd.h>
 
 #include <CLI/CLI.hpp>
@@ -129,6 +129,12 @@ int Attach(Context& ctx, const SnapshotArgs& a) {
                  [](const Json& r) { std::cout << Text(r, "device", "") << "\n"; });
 }
 
+int Export(Context& ctx, const SnapshotArgs& a) {
+  if (Status s = CheckId(a.id); !s.ok()) return ctx.Usage(s.message());
+  return ctx.Run("snapshot.export", Json{{"id", a.id}},
+                 [](const Json& r) { std::cout << Text(r, "uri", "") << "\n"; });
+}
+
 int Detach(Context& ctx, const SnapshotArgs& a) {
   if (Status s = CheckId(a.id); !s.ok()) return ctx.Usage(s.message());
   return ctx.Run("snapshot.detach", Json{{"id", a.id}},
@@ -240,6 +246,18 @@ void AddSnapshotCommands(CLI::App& root, Context& ctx, Registry& reg) {
          "of=db.img"});
     c->add_option("ID", a->id, "The snapshot to attach")->required()->type_name("");
     reg.Add(c, [&ctx, a] { return Attach(ctx, *a); });
+  }
+  {
+    auto a = std::make_shared<SnapshotArgs>();
+    CLI::App* c = AddCommand(
+        g, "export", "Print the NBD URI of a snapshot",
+        "Prints the NBD URI (nbd+unix:///snap-ID?socket=PATH) under which umbrad serves\n"
+        "snapshot ID read-only, alone on stdout, for nbdcopy, nbdinfo, qemu-img or QEMU.\n"
+        "The export exists as long as the snapshot; nothing is set up or torn down.",
+        {"nbdcopy \"$(umbra snapshot export 3f2a5c1e-8d4b-4c0e-9a7f-1b2c3d4e5f60)\" db.img",
+         "qemu-img convert -O qcow2 \"$(umbra snapshot export ID)\" db.qcow2"});
+    c->add_option("ID", a->id, "The snapshot to export")->required()->type_name("");
+    reg.Add(c, [&ctx, a] { return Export(ctx, *a); });
   }
   {
     auto a = std::make_shared<SnapshotArgs>();

@@ -1,4 +1,4 @@
-// umbra volume create|adopt|attach|detach|list|delete.
+// umbra volume create|adopt|attach|detach|export|list|delete.
 #include <CLI/CLI.hpp>
 #include <iostream>
 #include <memory>
@@ -52,6 +52,12 @@ int Attach(Context& ctx, const VolumeArgs& a) {
   // The device path alone, so that `mount $(umbra volume attach db) /mnt` works.
   return ctx.Run("volume.attach", Json{{"name", a.name}},
                  [](const Json& r) { std::cout << Text(r, "device", "") << "\n"; });
+}
+
+int Export(Context& ctx, const VolumeArgs& a) {
+  if (Status s = CheckName("volume", a.name); !s.ok()) return ctx.Usage(s.message());
+  return ctx.Run("volume.export", Json{{"name", a.name}},
+                 [](const Json& r) { std::cout << Text(r, "uri", "") << "\n"; });
 }
 
 int Detach(Context& ctx, const VolumeArgs& a) {
@@ -144,6 +150,17 @@ void AddVolumeCommands(CLI::App& root, Context& ctx, Registry& reg) {
         {"dev=$(umbra volume attach db) && mount \"$dev\" /srv/db"});
     c->add_option("NAME", a->name, "The volume to attach")->required()->type_name("");
     reg.Add(c, [&ctx, a] { return Attach(ctx, *a); });
+  }
+  {
+    auto a = std::make_shared<VolumeArgs>();
+    CLI::App* c = AddCommand(
+        g, "export", "Print the NBD URI of a volume",
+        "Prints the NBD URI (nbd+unix:///NAME?socket=PATH) under which umbrad serves volume\n"
+        "NAME read-write, alone on stdout. Writes through NBD are protected by copy-on-write\n"
+        "like any other; do not use the volume through NBD and a mounted loop device at once.",
+        {"nbdinfo \"$(umbra volume export db)\""});
+    c->add_option("NAME", a->name, "The volume to export")->required()->type_name("");
+    reg.Add(c, [&ctx, a] { return Export(ctx, *a); });
   }
   {
     auto a = std::make_shared<VolumeArgs>();

@@ -406,6 +406,8 @@ Result<Json> Daemon::Dispatch(const std::string& op, const Json& args, const Pee
       {"snapshot.unmount", &Daemon::OpSnapshotUnmount},
       {"snapshot.revert", &Daemon::OpSnapshotRevert},
       {"provider.list", &Daemon::OpProviderList},
+      {"volume.export", &Daemon::OpVolumeExport},
+      {"snapshot.export", &Daemon::OpSnapshotExport},
   };
   auto it = kOps.find(op);
   if (it == kOps.end()) return Status::Unsupported("unknown operation");
@@ -783,6 +785,9 @@ Result<Json> Daemon::OpVolumeDelete(const Json& args, const Peer&) {
     return Status::Busy("volume '" + name + "' is attached" +
                         (v->live_loop.attached() ? " at " + v->live_loop.path() : "") +
                         "; detach it first");
+  if (v->nbd_clients > 0)
+    return Status::Busy("volume '" + name + "' is in use by " + std::to_string(v->nbd_clients) +
+                        " NBD client(s)");
   if (v->holder->volume) {
     size_t n = v->holder->volume->ListSnapshots().size();
     if (n > 0)
@@ -1228,6 +1233,22 @@ Result<Json> Daemon::OpSnapshotUnmount(const Json& args, const Peer&) {
   return Json::object();
 }
 
+Result<Json> Daemon::OpVolumeExport(const Json& args, const Peer&) {
+  UMBRA_ASSIGN_OR_RETURN(std::string name, ArgString(args, "name"));
+  UMBRA_RETURN_IF_ERROR(FindOpenVolume(name).status());
+  return NbdUri(name);
+}
+
+Result<Json> Daemon::OpSnapshotExport(const Json& args, const Peer&) {
+  UMBRA_ASSIGN_OR_RETURN(std::string id, ArgString(args, "id"));
+  SnapshotInfo info;
+  UMBRA_RETURN_IF_ERROR(FindSnapshot(id, &info).status());
+  if (!info.valid)
+    return Status::SnapshotInvalid("snapshot " + id + " was invalidated (" +
+                                   std::string(InvalidCauseName(info.cause)) + ")");
+  return NbdUri("snap-" + id);
+}
+
 Result<Json> Daemon::OpSnapshotRevert(const Json& args, const Peer&) {
   UMBRA_ASSIGN_OR_RETURN(std::string id, ArgString(args, "id"));
   SnapshotInfo info;
@@ -1236,6 +1257,9 @@ Result<Json> Daemon::OpSnapshotRevert(const Json& args, const Peer&) {
     return Status::Busy("volume '" + v->rec.name + "' is attached" +
                         (v->live_loop.attached() ? " at " + v->live_loop.path() : "") +
                         "; unmount and detach it before reverting");
+  if (v->nbd_clients > 0)
+    return Status::Busy("volume '" + v->rec.name + "' is in use by " +
+                        std::to_string(v->nbd_clients) + " NBD client(s); disconnect them first");
   if (!info.valid)
     return Status::SnapshotInvalid("snapshot " + id + " was invalidated (" +
                                    std::string(InvalidCauseName(info.cause)) +

@@ -29,6 +29,7 @@
 #include "daemon/registry.h"
 #include "frontend/fuse/fuse_export.h"
 #include "frontend/loop_device.h"
+#include "frontend/nbd/nbd_server.h"
 
 namespace umbra::daemon {
 
@@ -64,6 +65,12 @@ class Daemon {
 
   const Config& config() const { return cfg_; }
 
+  // NBD exports (daemon/nbd_exports.cc, docs/protocol/nbd.md): every open
+  // volume by name (read-write) and every snapshot as "snap-ID" (read-only).
+  // An open export keeps its volume from being deleted or reverted.
+  std::vector<nbd::ExportProvider::Listed> NbdList();
+  Result<std::unique_ptr<nbd::Export>> NbdOpen(const std::string& name);
+
  private:
   struct VolumeEntry {
     VolumeRecord rec;
@@ -71,6 +78,7 @@ class Daemon {
     std::string unavailable;  // why the volume could not be opened ("" if open)
     std::unique_ptr<BlockDevice> live_dev;
     LoopDevice live_loop;  // attached when live_loop.attached()
+    int nbd_clients = 0;   // open NBD exports of this volume or its snapshots
   };
   struct SnapshotAttachment {
     std::string volume;
@@ -112,6 +120,12 @@ class Daemon {
   Result<Json> OpSnapshotUnmount(const Json& args, const Peer& peer);
   Result<Json> OpSnapshotRevert(const Json& args, const Peer& peer);
   Result<Json> OpProviderList(const Json& args, const Peer& peer);
+  Result<Json> OpVolumeExport(const Json& args, const Peer& peer);
+  Result<Json> OpSnapshotExport(const Json& args, const Peer& peer);
+  Json NbdUri(const std::string& export_name) const;
+  void NbdRelease(const std::string& volume);
+  class NbdVolumeExport;
+  class NbdSnapshotExport;
 
   // Helpers; all need mu_.
   Result<VolumeEntry*> FindVolume(const std::string& name);

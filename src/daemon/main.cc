@@ -10,11 +10,13 @@
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
+#include <filesystem>
 #include <string>
 
 #include "daemon/config.h"
 #include "daemon/daemon.h"
 #include "daemon/log.h"
+#include "daemon/nbd_exports.h"
 #include "daemon/server.h"
 
 namespace {
@@ -41,6 +43,7 @@ constexpr const char* kFooter = R"(CONFIGURATION
     admin_group = "umbra"               members may use every request
     copy_timeout_ms = 10000             a slower copy invalidates snapshots
     origin_cache = "writeback"          or "direct" (O_DIRECT on volume data)
+    nbd_socket = "/run/umbra/nbd.sock"  NBD exports (default: next to socket)
   Command-line options override the file.
 
 FILES
@@ -79,7 +82,7 @@ int main(int argc, char** argv) {
   CLI::App app(kDescription, "umbrad");
   app.footer(kFooter);
   app.get_formatter()->column_width(34);
-  std::string config_file, state_dir, socket_path, fuse_dir;
+  std::string config_file, state_dir, socket_path, fuse_dir, nbd_socket;
   bool foreground = false;
   app.add_option("--config", config_file, "TOML configuration file")->type_name("FILE");
   app.add_option("--state-dir", state_dir, "state directory (default /var/lib/umbra)")
@@ -89,6 +92,10 @@ int main(int argc, char** argv) {
   app.add_option("--fuse-dir", fuse_dir,
                  "where umbrad mounts its FUSE export (default /run/umbra/dev)")
       ->type_name("DIR");
+  app.add_option("--nbd-socket", nbd_socket,
+                 "NBD socket serving volumes and snapshots (default: nbd.sock next to the "
+                 "control socket)")
+      ->type_name("PATH");
   app.add_flag("--foreground", foreground,
                "stay in the foreground (for systemd and tests); otherwise umbrad detaches once "
                "it is ready");
@@ -114,8 +121,11 @@ int main(int argc, char** argv) {
   if (!state_dir.empty()) cfg.state_dir = state_dir;
   if (!socket_path.empty()) cfg.socket = socket_path;
   if (!fuse_dir.empty()) cfg.fuse_dir = fuse_dir;
+  if (!nbd_socket.empty()) cfg.nbd_socket = nbd_socket;
+  if (cfg.nbd_socket.empty())
+    cfg.nbd_socket = std::filesystem::path(cfg.socket).parent_path().string() + "/nbd.sock";
   cfg.foreground = foreground;
-  for (std::string* p : {&cfg.state_dir, &cfg.socket, &cfg.fuse_dir}) {
+  for (std::string* p : {&cfg.state_dir, &cfg.socket, &cfg.fuse_dir, &cfg.nbd_socket}) {
     if (p->empty() || (*p)[0] != '/') {
       LogError("'" + *p + "' must be an absolute path");
       return 2;
@@ -167,10 +177,19 @@ int main(int argc, char** argv) {
     daemon.Stop();
     return 1;
   }
-  umbra::daemon::Server server(&daemon);
+  umbra::daemon::Server server("control", umbra::daemon::ControlHandler(&daemon),
+                              umbra::daemon::ControlBusy());
   s = server.Start(cfg.socket, cfg.admin_group);
   if (!s.ok()) {
     LogError("cannot start: " + s.message());
+    daemon.Stop();
+    return 1;
+  }
+  umbra::daemon::Server nbd_server("NBD", umbra::daemon::NbdHandler(&daemon), nullptr);
+  s = nbd_server.Start(cfg.nbd_socket, cfg.admin_group);
+  if (!s.ok()) {
+    LogError("cannot start: " + s.message());
+    server.Stop();
     daemon.Stop();
     return 1;
   }
@@ -189,6 +208,7 @@ int main(int argc, char** argv) {
   }
   LogInfo(std::string("received ") + (sig == SIGTERM ? "SIGTERM" : "SIGINT") + ", stopping");
   ::sd_notify(0, "STOPPING=1");
+  nbd_server.Stop();
   server.Stop();
   daemon.Stop();
   return 0;

@@ -55,7 +55,7 @@ Status Server::Start(const std::string& path, const std::string& admin_group) {
   ::chmod(path.c_str(), 0660);
   if (::listen(listen_fd_, 64) != 0) return Status::FromErrno(errno, "listen " + path);
   accept_thread_ = std::thread([this] { AcceptLoop(); });
-  LogInfo("listening on " + path);
+  LogInfo("listening on " + path + " (" + what_ + ")");
   return Status::Ok();
 }
 
@@ -99,14 +99,7 @@ void Server::AcceptLoop() {
     }
     if (conns_.size() >= kMaxConnections) {
       l.unlock();
-      control::WriteFrame(
-          fd, Json{{"id", nullptr},
-                   {"ok", false},
-                   {"error",
-                    {{"code", "busy"},
-                     {"message", "umbrad has too many connections (" +
-                                     std::to_string(kMaxConnections) + "); try again later"}}}})
-          .IgnoreError();
+      if (busy_) busy_(fd);
       ::close(fd);
       continue;
     }
@@ -138,30 +131,50 @@ void Server::Serve(int fd, uint64_t conn_id) {
   } else {
     peer.uid = static_cast<uid_t>(-1);
   }
-  for (;;) {
-    auto req = control::ReadFrame(fd);
-    if (!req.ok()) {
-      if (req.status().code() != Code::kNotFound) {
-        control::WriteFrame(
-            fd, Json{{"id", nullptr},
-                     {"ok", false},
-                     {"error",
-                      {{"code", "protocol"},
-                       {"message", req.status().message() + "; closing the connection"}}}})
-            .IgnoreError();
-        LogWarning("connection " + std::to_string(conn_id) + " (uid " + std::to_string(peer.uid) +
-                   ") closed: " + req.status().message());
-      }
-      break;
-    }
-    Json resp = daemon_->Handle(*req, peer);
-    if (!control::WriteFrame(fd, resp).ok()) break;
-  }
-  daemon_->OnDisconnect(conn_id);
+  handler_(fd, peer);
   std::lock_guard l(mu_);
   ::close(fd);
   conns_.erase(conn_id);
   cv_.notify_all();
+}
+
+Server::Handler ControlHandler(Daemon* daemon) {
+  return [daemon](int fd, const Peer& peer) {
+    for (;;) {
+      auto req = control::ReadFrame(fd);
+      if (!req.ok()) {
+        if (req.status().code() != Code::kNotFound) {
+          control::WriteFrame(
+              fd, Json{{"id", nullptr},
+                       {"ok", false},
+                       {"error",
+                        {{"code", "protocol"},
+                         {"message", req.status().message() + "; closing the connection"}}}})
+              .IgnoreError();
+          LogWarning("connection " + std::to_string(peer.conn_id) + " (uid " +
+                     std::to_string(peer.uid) + ") closed: " + req.status().message());
+        }
+        break;
+      }
+      Json resp = daemon->Handle(*req, peer);
+      if (!control::WriteFrame(fd, resp).ok()) break;
+    }
+    daemon->OnDisconnect(peer.conn_id);
+  };
+}
+
+Server::BusyHandler ControlBusy() {
+  return [](int fd) {
+    control::WriteFrame(
+        fd,
+        Json{{"id", nullptr},
+             {"ok", false},
+             {"error",
+              {{"code", "busy"},
+               {"message", "umbrad has too many connections (" +
+                               std::to_string(Server::kMaxConnections) + "); try again later"}}}})
+        .IgnoreError();
+  };
 }
 
 }  // namespace umbra::daemon

@@ -1,13 +1,17 @@
-// The control socket: accepts connections, checks who is calling
-// (SO_PEERCRED/SO_PEERGROUPS), and serves each connection on its own thread
-// (at most kMaxConnections at once), one request/response at a time.
-// A bad frame closes that connection only.
+// A Unix socket listener: accepts connections, finds out who is calling
+// (SO_PEERCRED/SO_PEERGROUPS: root or a member of admin_group is allowed)
+// and serves each connection on its own thread with a handler (at most
+// kMaxConnections at once; past that, the busy handler answers and the
+// connection is closed). Used for the control socket (ControlHandler: one
+// request/response at a time, a bad frame closes that connection only) and
+// the NBD socket (daemon/nbd_exports.h).
 #pragma once
 
 #include <sys/types.h>
 
 #include <atomic>
 #include <condition_variable>
+#include <functional>
 #include <map>
 #include <mutex>
 #include <optional>
@@ -22,7 +26,13 @@ class Server {
  public:
   static constexpr int kMaxConnections = 64;
 
-  explicit Server(Daemon* daemon) : daemon_(daemon) {}
+  // Serves one accepted connection until it ends; the Server closes fd.
+  using Handler = std::function<void(int fd, const Peer& peer)>;
+  // Tells a connection over the limit why it is closed.
+  using BusyHandler = std::function<void(int fd)>;
+
+  Server(std::string what, Handler handler, BusyHandler busy)
+      : what_(std::move(what)), handler_(std::move(handler)), busy_(std::move(busy)) {}
   ~Server() { Stop(); }
   Server(const Server&) = delete;
   Server& operator=(const Server&) = delete;
@@ -38,7 +48,9 @@ class Server {
   void AcceptLoop();
   void Serve(int fd, uint64_t conn_id);
 
-  Daemon* const daemon_;
+  const std::string what_;  // "control", "NBD": for the log
+  const Handler handler_;
+  const BusyHandler busy_;
   std::string path_;
   std::optional<gid_t> admin_gid_;
   int listen_fd_ = -1;
@@ -49,5 +61,10 @@ class Server {
   bool stopping_ = false;          // guarded by mu_
   uint64_t next_conn_ = 1;
 };
+
+// The control protocol on a Server: requests to `daemon`, and its
+// release-on-disconnect when the connection closes.
+Server::Handler ControlHandler(Daemon* daemon);
+Server::BusyHandler ControlBusy();
 
 }  // namespace umbra::daemon

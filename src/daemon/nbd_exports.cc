@@ -1,0 +1,156 @@
+// Daemon's NBD exports and the NBD connection handler (see nbd_exports.h).
+#include "daemon/nbd_exports.h"
+
+#include <algorithm>
+#include <mutex>
+
+#include "daemon/log.h"
+
+namespace umbra::daemon {
+
+constexpr const char* kSnapshotPrefix = "snap-";
+
+// The live volume, read-write through the engine (copy-on-write protects
+// its snapshots). Everything reports as data in base:allocation.
+class Daemon::NbdVolumeExport final : public nbd::Export {
+ public:
+  NbdVolumeExport(Daemon* d, std::string volume, std::unique_ptr<BlockDevice> dev)
+      : d_(d), volume_(std::move(volume)), dev_(std::move(dev)) {}
+  ~NbdVolumeExport() override { d_->NbdRelease(volume_); }
+  BlockDevice& device() override { return *dev_; }
+  std::string description() const override { return "Umbra volume " + volume_ + " (live)"; }
+  Status Allocation(uint64_t, uint64_t len, std::vector<nbd::AllocationRun>* out) override {
+    out->push_back({len, false});
+    return Status::Ok();
+  }
+
+ private:
+  Daemon* const d_;
+  const std::string volume_;
+  const std::unique_ptr<BlockDevice> dev_;
+};
+
+// A snapshot, read-only. base:allocation comes from the snapshot's
+// allocated extents (chunks not free at the instant), read once at open: a
+// snapshot never changes.
+class Daemon::NbdSnapshotExport final : public nbd::Export {
+ public:
+  NbdSnapshotExport(Daemon* d, std::string volume, std::string id, std::unique_ptr<BlockDevice> dev,
+                    std::vector<Extent> allocated)
+      : d_(d),
+        volume_(std::move(volume)),
+        id_(std::move(id)),
+        dev_(std::move(dev)),
+        allocated_(std::move(allocated)) {}
+  ~NbdSnapshotExport() override { d_->NbdRelease(volume_); }
+  BlockDevice& device() override { return *dev_; }
+  std::string description() const override {
+    return "Umbra snapshot " + id_ + " of volume " + volume_ + " (read-only)";
+  }
+  Status Allocation(uint64_t off, uint64_t len, std::vector<nbd::AllocationRun>* out) override {
+    const uint64_t end = off + len;
+    // First extent that ends after `off`.
+    auto it = std::upper_bound(allocated_.begin(), allocated_.end(), off,
+                               [](uint64_t o, const Extent& e) { return o < e.offset + e.length; });
+    uint64_t pos = off;
+    while (pos < end && out->size() < kMaxRuns) {
+      if (it == allocated_.end() || pos < it->offset) {
+        const uint64_t stop = it == allocated_.end() ? end : std::min(end, it->offset);
+        out->push_back({stop - pos, true});
+        pos = stop;
+      } else {
+        const uint64_t stop = std::min(end, it->offset + it->length);
+        out->push_back({stop - pos, false});
+        pos = stop;
+        ++it;
+      }
+    }
+    return Status::Ok();
+  }
+
+ private:
+  static constexpr size_t kMaxRuns = 1024;  // per reply; the client asks again for the rest
+  Daemon* const d_;
+  const std::string volume_;
+  const std::string id_;
+  const std::unique_ptr<BlockDevice> dev_;
+  const std::vector<Extent> allocated_;
+};
+
+std::vector<nbd::ExportProvider::Listed> Daemon::NbdList() {
+  std::lock_guard l(mu_);
+  std::vector<nbd::ExportProvider::Listed> out;
+  for (auto& [name, v] : volumes_) {
+    if (!v->holder->volume) continue;
+    out.push_back({name, "Umbra volume " + name + " (live)"});
+    for (const SnapshotInfo& s : v->holder->volume->ListSnapshots())
+      out.push_back({kSnapshotPrefix + s.id, "Umbra snapshot " + s.id + " of volume " + name +
+                                                 (s.valid ? "" : " (invalidated)")});
+  }
+  return out;
+}
+
+Result<std::unique_ptr<nbd::Export>> Daemon::NbdOpen(const std::string& name) {
+  std::lock_guard l(mu_);
+  if (!started_) return Status::Busy("umbrad is shutting down");
+  if (name.rfind(kSnapshotPrefix, 0) == 0) {
+    const std::string id = name.substr(std::char_traits<char>::length(kSnapshotPrefix));
+    SnapshotInfo info;
+    UMBRA_ASSIGN_OR_RETURN(VolumeEntry * v, FindSnapshot(id, &info));
+    UMBRA_ASSIGN_OR_RETURN(std::vector<Extent> allocated, v->holder->volume->SnapshotExtents(id));
+    ++v->nbd_clients;
+    return std::unique_ptr<nbd::Export>(std::make_unique<NbdSnapshotExport>(
+        this, v->rec.name, id, SnapshotDevice(v->holder.get(), v->rec.size, id),
+        std::move(allocated)));
+  }
+  UMBRA_ASSIGN_OR_RETURN(VolumeEntry * v, FindOpenVolume(name));
+  ++v->nbd_clients;
+  return std::unique_ptr<nbd::Export>(
+      std::make_unique<NbdVolumeExport>(this, name, VolumeDevice(v->holder.get(), v->rec.size)));
+}
+
+void Daemon::NbdRelease(const std::string& volume) {
+  std::lock_guard l(mu_);
+  auto it = volumes_.find(volume);
+  if (it != volumes_.end() && it->second->nbd_clients > 0) --it->second->nbd_clients;
+}
+
+Json Daemon::NbdUri(const std::string& export_name) const {
+  return Json{{"export", export_name},
+              {"socket", cfg_.nbd_socket},
+              {"uri", "nbd+unix:///" + export_name + "?socket=" + cfg_.nbd_socket}};
+}
+
+namespace {
+
+class Provider final : public nbd::ExportProvider {
+ public:
+  explicit Provider(Daemon* d) : d_(d) {}
+  std::vector<Listed> List() override { return d_->NbdList(); }
+  Result<std::unique_ptr<nbd::Export>> Open(const std::string& name) override {
+    return d_->NbdOpen(name);
+  }
+
+ private:
+  Daemon* const d_;
+};
+
+}  // namespace
+
+Server::Handler NbdHandler(Daemon* daemon) {
+  return [daemon](int fd, const Peer& peer) {
+    const std::string who = "NBD connection " + std::to_string(peer.conn_id) + " (uid " +
+                            std::to_string(peer.uid) + ")";
+    if (!peer.allowed) {
+      LogWarning(who + " refused: only root and admin_group may use umbrad");
+      return;
+    }
+    Provider provider(daemon);
+    nbd::FdChannel ch(fd);
+    const std::string why = nbd::Serve(ch, provider);
+    if (why.rfind("client disconnected", 0) != 0 && why != "client aborted the handshake")
+      LogWarning(who + " closed: " + why);
+  };
+}
+
+}  // namespace umbra::daemon
