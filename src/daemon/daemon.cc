@@ -576,6 +576,17 @@ Result<Json> Daemon::AddVolume(VolumeRecord rec, const std::string& created_file
     cleanup();
     return v.status();
   }
+  if (!created_file.empty()) {
+    // A backing file umbrad just created is sparse: every chunk reads as
+    // zeros, so the engine may know it is free (snapshots then copy nothing
+    // for it and NBD reports it as a hole) until it is written.
+    Status d = (*v)->Discard(0, (*v)->size());
+    if (!d.ok()) {
+      (*v)->Close().IgnoreError();
+      cleanup();
+      return d.Annotate("marking the new volume free");
+    }
+  }
   rec.chunk_size = (*v)->config().chunk_size;
   rec.size = (*v)->size();
   auto e = std::make_unique<VolumeEntry>();

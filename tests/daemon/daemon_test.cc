@@ -20,6 +20,7 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -556,11 +557,17 @@ TEST_F(DaemonTest, StorageWarnsWhenNearlyFull) {
   Json st = Ok(c, "storage.resize", {{"volume", "w"}, {"max_size", "1M"}});
   EXPECT_EQ(st["max"], kMiB);
   EXPECT_EQ(st["warning"], nullptr);
-  Ok(c, "snapshot.create", {{"volumes", {"w"}}});
   const std::string dev = Ok(c, "volume.attach", {{"name", "w"}}).value("device", "");
   int fd = ::open(dev.c_str(), O_WRONLY | O_DIRECT | O_CLOEXEC);
   ASSERT_GE(fd, 0) << std::strerror(errno);
   Buffer b(16384);
+  // A new volume is all free (nothing to preserve): write the first chunks
+  // before the snapshot so that overwriting them copies.
+  std::memset(b.p, 2, 16384);
+  for (int i = 0; i < 64; ++i)
+    ASSERT_EQ(::pwrite(fd, b.p, 16384, static_cast<off_t>(i) * 16384), 16384);
+  ASSERT_EQ(::fsync(fd), 0);
+  Ok(c, "snapshot.create", {{"volumes", {"w"}}});
   std::memset(b.p, 1, 16384);
   // Overwrite whole chunks: each first write copies one 16 KiB chunk.
   auto fill_to = [&](int chunks) {
@@ -577,6 +584,32 @@ TEST_F(DaemonTest, StorageWarnsWhenNearlyFull) {
   EXPECT_EQ(st["warning"], "90%");
   ::close(fd);
   Ok(c, "volume.detach", {{"name", "w"}});
+}
+
+// A volume umbrad creates starts all free: writing it under a snapshot
+// copies nothing, and the snapshot still reads the zeros it had.
+TEST_F(DaemonTest, NewVolumeIsFreeUntilWritten) {
+  ASSERT_TRUE(env_.Start());
+  Client c = env_.Connect();
+  Ok(c, "volume.create", {{"name", "n"}, {"size", 16 * kMiB}});
+  const std::string id = Ok(c, "snapshot.create", {{"volumes", {"n"}}}).value("id", "");
+  const std::string dev = Ok(c, "volume.attach", {{"name", "n"}}).value("device", "");
+  int fd = ::open(dev.c_str(), O_WRONLY | O_DIRECT | O_CLOEXEC);
+  ASSERT_GE(fd, 0) << std::strerror(errno);
+  Buffer b(kMiB);
+  std::memset(b.p, 7, kMiB);
+  ASSERT_EQ(::pwrite(fd, b.p, kMiB, 0), static_cast<ssize_t>(kMiB));
+  ASSERT_EQ(::fsync(fd), 0);
+  ::close(fd);
+  EXPECT_EQ(Ok(c, "storage.list", {{"volume", "n"}})["storage"][0].value("used", 1u), 0u);
+  const std::string sdev = Ok(c, "snapshot.attach", {{"id", id}}).value("device", "");
+  int sfd = ::open(sdev.c_str(), O_RDONLY | O_DIRECT | O_CLOEXEC);
+  ASSERT_GE(sfd, 0) << std::strerror(errno);
+  ASSERT_EQ(::pread(sfd, b.p, kMiB, 0), static_cast<ssize_t>(kMiB));
+  ::close(sfd);
+  EXPECT_EQ(std::count(b.p, b.p + kMiB, std::byte{0}), static_cast<long>(kMiB));
+  Ok(c, "snapshot.detach", {{"id", id}});
+  Ok(c, "volume.detach", {{"name", "n"}});
 }
 
 TEST_F(DaemonTest, ReleaseOnDisconnect) {
