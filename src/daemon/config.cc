@@ -22,7 +22,7 @@ Status LoadConfigFile(const std::string& path, Config* cfg) {
   }
   static const std::set<std::string, std::less<>> kKeys = {"state_dir", "socket", "fuse_dir",
                                                            "admin_group", "copy_timeout_ms",
-                                                           "origin_cache", "nbd_socket"};
+                                                           "origin_cache", "nbd_socket", "nbd_tcp"};
   for (const auto& [key, node] : tbl) {
     if (!kKeys.count(key.str()))
       return Status::InvalidArgument("config file " + path + ": unknown key '" +
@@ -42,6 +42,7 @@ Status LoadConfigFile(const std::string& path, Config* cfg) {
   UMBRA_RETURN_IF_ERROR(str("socket", &cfg->socket));
   UMBRA_RETURN_IF_ERROR(str("fuse_dir", &cfg->fuse_dir));
   UMBRA_RETURN_IF_ERROR(str("nbd_socket", &cfg->nbd_socket));
+  UMBRA_RETURN_IF_ERROR(str("nbd_tcp", &cfg->nbd_tcp));
   UMBRA_RETURN_IF_ERROR(str("admin_group", &cfg->admin_group));
   std::string origin_cache = cfg->origin_cache;
   UMBRA_RETURN_IF_ERROR(str("origin_cache", &origin_cache));

@@ -14,6 +14,8 @@ struct Config {
   std::string fuse_dir = "/run/umbra/dev";
   // The NBD socket (docs/protocol/nbd.md); "" = nbd.sock next to `socket`.
   std::string nbd_socket;
+  // Optional loopback TCP address for NBD, "127.0.0.1:10809"; "" = none.
+  std::string nbd_tcp;
   // Members of this group (besides root) may make every request.
   std::string admin_group;
   // A copy to shadow storage slower than this invalidates the snapshots.
@@ -30,7 +32,7 @@ struct Config {
 inline constexpr const char* kDefaultConfigFile = "/etc/umbra/umbrad.toml";
 
 // Reads the TOML file at `path` into *cfg (keys: state_dir, socket, fuse_dir,
-// admin_group, copy_timeout_ms, origin_cache, nbd_socket). An unknown key, a wrong type or a syntax
+// admin_group, copy_timeout_ms, origin_cache, nbd_socket, nbd_tcp). An unknown key, a wrong type or a syntax
 // error fails with kInvalidArgument naming the file, line and key.
 Status LoadConfigFile(const std::string& path, Config* cfg);
 

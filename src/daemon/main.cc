@@ -44,6 +44,7 @@ constexpr const char* kFooter = R"(CONFIGURATION
     copy_timeout_ms = 10000             a slower copy invalidates snapshots
     origin_cache = "writeback"          or "direct" (O_DIRECT on volume data)
     nbd_socket = "/run/umbra/nbd.sock"  NBD exports (default: next to socket)
+    nbd_tcp = "127.0.0.1:10809"         NBD also on loopback TCP (default: off)
   Command-line options override the file.
 
 FILES
@@ -82,7 +83,7 @@ int main(int argc, char** argv) {
   CLI::App app(kDescription, "umbrad");
   app.footer(kFooter);
   app.get_formatter()->column_width(34);
-  std::string config_file, state_dir, socket_path, fuse_dir, nbd_socket;
+  std::string config_file, state_dir, socket_path, fuse_dir, nbd_socket, nbd_tcp;
   bool foreground = false;
   app.add_option("--config", config_file, "TOML configuration file")->type_name("FILE");
   app.add_option("--state-dir", state_dir, "state directory (default /var/lib/umbra)")
@@ -96,6 +97,9 @@ int main(int argc, char** argv) {
                  "NBD socket serving volumes and snapshots (default: nbd.sock next to the "
                  "control socket)")
       ->type_name("PATH");
+  app.add_option("--nbd-tcp", nbd_tcp,
+                 "also serve NBD on this loopback address, e.g. 127.0.0.1:10809 (default: off)")
+      ->type_name("ADDR:PORT");
   app.add_flag("--foreground", foreground,
                "stay in the foreground (for systemd and tests); otherwise umbrad detaches once "
                "it is ready");
@@ -122,6 +126,7 @@ int main(int argc, char** argv) {
   if (!socket_path.empty()) cfg.socket = socket_path;
   if (!fuse_dir.empty()) cfg.fuse_dir = fuse_dir;
   if (!nbd_socket.empty()) cfg.nbd_socket = nbd_socket;
+  if (!nbd_tcp.empty()) cfg.nbd_tcp = nbd_tcp;
   if (cfg.nbd_socket.empty())
     cfg.nbd_socket = std::filesystem::path(cfg.socket).parent_path().string() + "/nbd.sock";
   cfg.foreground = foreground;
@@ -193,6 +198,17 @@ int main(int argc, char** argv) {
     daemon.Stop();
     return 1;
   }
+  umbra::daemon::Server nbd_tcp_server("NBD", umbra::daemon::NbdHandler(&daemon), nullptr);
+  if (!cfg.nbd_tcp.empty()) {
+    s = nbd_tcp_server.StartTcp(cfg.nbd_tcp, cfg.admin_group);
+    if (!s.ok()) {
+      LogError("cannot start: " + s.message());
+      nbd_server.Stop();
+      server.Stop();
+      daemon.Stop();
+      return 1;
+    }
+  }
   ::sd_notify(0, "READY=1\nSTATUS=serving");
   LogInfo("ready (state " + cfg.state_dir + ", socket " + cfg.socket + ", FUSE " + cfg.fuse_dir +
           ")");
@@ -208,6 +224,7 @@ int main(int argc, char** argv) {
   }
   LogInfo(std::string("received ") + (sig == SIGTERM ? "SIGTERM" : "SIGINT") + ", stopping");
   ::sd_notify(0, "STOPPING=1");
+  nbd_tcp_server.Stop();
   nbd_server.Stop();
   server.Stop();
   daemon.Stop();

@@ -116,9 +116,12 @@ void Daemon::NbdRelease(const std::string& volume) {
 }
 
 Json Daemon::NbdUri(const std::string& export_name) const {
-  return Json{{"export", export_name},
-              {"socket", cfg_.nbd_socket},
-              {"uri", "nbd+unix:///" + export_name + "?socket=" + cfg_.nbd_socket}};
+  Json j{{"export", export_name},
+         {"socket", cfg_.nbd_socket},
+         {"uri", "nbd+unix:///" + export_name + "?socket=" + cfg_.nbd_socket},
+         {"tcp_uri", nullptr}};
+  if (!cfg_.nbd_tcp.empty()) j["tcp_uri"] = "nbd://" + cfg_.nbd_tcp + "/" + export_name;
+  return j;
 }
 
 namespace {

@@ -1,6 +1,9 @@
 #include "daemon/server.h"
 
+#include <arpa/inet.h>
 #include <grp.h>
+#include <netinet/in.h>
+#include <pwd.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
@@ -9,7 +12,10 @@
 #include <cerrno>
 #include <chrono>
 #include <cstring>
+#include <cstdio>
 #include <filesystem>
+#include <fstream>
+#include <sstream>
 #include <vector>
 
 #include "daemon/log.h"
@@ -59,6 +65,40 @@ Status Server::Start(const std::string& path, const std::string& admin_group) {
   return Status::Ok();
 }
 
+Status Server::StartTcp(const std::string& address, const std::string& admin_group) {
+  if (!admin_group.empty()) {
+    struct group* g = ::getgrnam(admin_group.c_str());
+    if (g == nullptr)
+      return Status::InvalidArgument("admin_group '" + admin_group + "' does not exist");
+    admin_gid_ = g->gr_gid;
+  }
+  const size_t colon = address.rfind(':');
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  unsigned long port = 0;
+  char* end = nullptr;
+  if (colon != std::string::npos) port = std::strtoul(address.c_str() + colon + 1, &end, 10);
+  if (colon == std::string::npos || end == nullptr || *end != '\0' || port == 0 || port > 65535 ||
+      ::inet_pton(AF_INET, address.substr(0, colon).c_str(), &addr.sin_addr) != 1)
+    return Status::InvalidArgument("'" + address + "' is not an IPv4 address:port");
+  if ((ntohl(addr.sin_addr.s_addr) >> 24) != 127)
+    return Status::InvalidArgument("'" + address +
+                                   "' is not a loopback address (127.0.0.0/8): without TLS, "
+                                   "umbrad serves TCP on this machine only");
+  addr.sin_port = htons(static_cast<uint16_t>(port));
+  listen_fd_ = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (listen_fd_ < 0) return Status::FromErrno(errno, "socket");
+  int one = 1;
+  ::setsockopt(listen_fd_, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+  if (::bind(listen_fd_, reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0)
+    return Status::FromErrno(errno, "bind " + address);
+  if (::listen(listen_fd_, 64) != 0) return Status::FromErrno(errno, "listen " + address);
+  tcp_ = true;
+  accept_thread_ = std::thread([this] { AcceptLoop(); });
+  LogInfo("listening on " + address + " (" + what_ + ", TCP)");
+  return Status::Ok();
+}
+
 void Server::Stop() {
   {
     std::unique_lock l(mu_);
@@ -71,7 +111,7 @@ void Server::Stop() {
   if (listen_fd_ >= 0) {
     ::close(listen_fd_);
     listen_fd_ = -1;
-    ::unlink(path_.c_str());
+    if (!tcp_) ::unlink(path_.c_str());
   }
   std::unique_lock l(mu_);
   cv_.wait(l, [&] { return conns_.empty(); });
@@ -109,12 +149,67 @@ void Server::AcceptLoop() {
   }
 }
 
+namespace {
+
+// "7F000001:1F90" style address of /proc/net/tcp for an IPv4 socket address.
+std::string ProcNetAddr(const sockaddr_in& a) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%08X:%04X", a.sin_addr.s_addr, ntohs(a.sin_port));
+  return buf;
+}
+
+}  // namespace
+
+std::optional<uid_t> LoopbackPeerUid(int fd) {
+  sockaddr_in peer{}, self{};
+  socklen_t pl = sizeof peer, sl = sizeof self;
+  if (::getpeername(fd, reinterpret_cast<sockaddr*>(&peer), &pl) != 0 ||
+      ::getsockname(fd, reinterpret_cast<sockaddr*>(&self), &sl) != 0 ||
+      peer.sin_family != AF_INET || (ntohl(peer.sin_addr.s_addr) >> 24) != 127)
+    return std::nullopt;
+  // The client's end of this connection is a socket on this machine whose
+  // local address is our peer and whose remote address is us; its line in
+  // /proc/net/tcp names its owner (as identd does).
+  const std::string want_local = ProcNetAddr(peer), want_remote = ProcNetAddr(self);
+  std::ifstream in("/proc/net/tcp");
+  std::string line;
+  std::getline(in, line);  // header
+  while (std::getline(in, line)) {
+    std::istringstream ss(line);
+    std::string slot, local, remote, st, queues, timer, retr;
+    unsigned long uid = 0;
+    if (!(ss >> slot >> local >> remote >> st >> queues >> timer >> retr >> uid)) continue;
+    if (local == want_local && remote == want_remote) return static_cast<uid_t>(uid);
+  }
+  return std::nullopt;
+}
+
 void Server::Serve(int fd, uint64_t conn_id) {
   Peer peer;
   peer.conn_id = conn_id;
   ucred cred{};
   socklen_t len = sizeof cred;
-  bool creds = ::getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) == 0;
+  bool creds = false;
+  if (tcp_) {
+    // Loopback TCP: no SO_PEERCRED; find the client's socket owner.
+    if (auto uid = LoopbackPeerUid(fd)) {
+      cred.uid = *uid;
+      cred.gid = static_cast<gid_t>(-1);
+      creds = true;
+      if (admin_gid_ && *uid != 0) {
+        if (passwd* pw = ::getpwuid(*uid)) {
+          std::vector<gid_t> groups(256);
+          int n = static_cast<int>(groups.size());
+          if (::getgrouplist(pw->pw_name, pw->pw_gid, groups.data(), &n) >= 0) {
+            for (int i = 0; i < n; ++i)
+              if (groups[static_cast<size_t>(i)] == *admin_gid_) cred.gid = *admin_gid_;
+          }
+        }
+      }
+    }
+  } else {
+    creds = ::getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) == 0;
+  }
   if (creds) {
     peer.uid = cred.uid;
     peer.allowed = cred.uid == 0;
@@ -122,7 +217,7 @@ void Server::Serve(int fd, uint64_t conn_id) {
       if (cred.gid == *admin_gid_) peer.allowed = true;
       std::vector<gid_t> groups(256);
       socklen_t glen = static_cast<socklen_t>(groups.size() * sizeof(gid_t));
-      if (::getsockopt(fd, SOL_SOCKET, SO_PEERGROUPS, groups.data(), &glen) == 0) {
+      if (!tcp_ && ::getsockopt(fd, SOL_SOCKET, SO_PEERGROUPS, groups.data(), &glen) == 0) {
         groups.resize(glen / sizeof(gid_t));
         for (gid_t g : groups)
           if (g == *admin_gid_) peer.allowed = true;

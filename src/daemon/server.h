@@ -40,6 +40,10 @@ class Server {
   // Creates the parent directory, replaces a stale socket, listens (mode
   // 0660, group admin_group if set) and starts the accept thread.
   Status Start(const std::string& path, const std::string& admin_group);
+  // Listens on a loopback TCP address "127.x.y.z:PORT" (anything else is
+  // refused: there is no TLS). Who calls is found from /proc/net/tcp (the
+  // owner of the client's socket), so the same access rule applies.
+  Status StartTcp(const std::string& address, const std::string& admin_group);
   // Stops accepting, closes every connection and waits for their threads
   // (a request in progress finishes first). Idempotent.
   void Stop();
@@ -54,6 +58,7 @@ class Server {
   std::string path_;
   std::optional<gid_t> admin_gid_;
   int listen_fd_ = -1;
+  bool tcp_ = false;
   std::thread accept_thread_;
   std::mutex mu_;
   std::condition_variable cv_;
@@ -61,6 +66,10 @@ class Server {
   bool stopping_ = false;          // guarded by mu_
   uint64_t next_conn_ = 1;
 };
+
+// The owner of the client socket of a loopback TCP connection `fd`, from
+// /proc/net/tcp; nullopt if not loopback IPv4 or not found.
+std::optional<uid_t> LoopbackPeerUid(int fd);
 
 // The control protocol on a Server: requests to `daemon`, and its
 // release-on-disconnect when the connection closes.

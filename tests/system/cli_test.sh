@@ -19,6 +19,7 @@ bin=$build/src
 work=$(mktemp -d /var/tmp/umbra-cli-test.XXXXXX)
 export UMBRA_SOCKET=$work/umbrad.sock
 daemon_pid=""
+daemon_extra=()
 bg_pids=()
 mounts=()
 
@@ -28,7 +29,7 @@ umbra() { "$bin/umbra" "$@"; }
 
 start_daemon() {
   "$bin/umbrad" --foreground --state-dir "$work/state" --socket "$UMBRA_SOCKET" \
-    --fuse-dir "$work/dev" 2>>"$work/umbrad.log" &
+    --fuse-dir "$work/dev" "${daemon_extra[@]}" 2>>"$work/umbrad.log" &
   daemon_pid=$!
   for _ in $(seq 100); do
     umbra daemon status >/dev/null 2>&1 && return 0
@@ -316,6 +317,8 @@ PY
 # and qemu-img copies equal the reference taken at the instant.
 case_nbd_snapshot() {
   need_nbd_tools
+  local port=$((20000 + RANDOM % 20000))
+  daemon_extra=(--nbd-tcp "127.0.0.1:$port")
   start_daemon
   make_fs_volume v 256M ext4
   start_load "$mnt"
@@ -342,6 +345,16 @@ case_nbd_snapshot() {
   qemu-img compare -f qcow2 -F raw "$work/snap.qcow2" "$work/ref-n1.img" || fail "qemu-img compare"
   # Writes to a read-only export are refused; the snapshot is unchanged.
   nbdcopy "$work/nbdcopy.img" "$uri" 2>"$work/ro.txt" && fail "write to a snapshot export succeeded"
+  # The same export on loopback TCP: root may read it, nobody is refused.
+  local tcp_uri
+  tcp_uri=$(umbra --json snapshot export "$snap" | python3 -c 'import json,sys; print(json.load(sys.stdin)["tcp_uri"])')
+  [[ $tcp_uri == "nbd://127.0.0.1:$port/snap-$snap" ]] || fail "unexpected TCP URI: $tcp_uri"
+  nbdcopy "$tcp_uri" "$work/tcp.img" || fail "nbdcopy over TCP"
+  cmp "$work/tcp.img" "$work/ref-n1.img" || fail "nbdcopy over TCP differs from the reference"
+  setpriv --reuid=65534 --regid=65534 --clear-groups nbdinfo "$tcp_uri" >/dev/null 2>&1 &&
+    fail "a non-root user read the NBD export over TCP"
+  grep -q "uid 65534) refused" "$work/umbrad.log" || fail "umbrad did not log refusing uid 65534"
+  log "ok: TCP export readable by root, refused to nobody"
   snapshot_equals_ref "$snap" n1
   expect_fail "export of an unknown snapshot" umbra snapshot export 00000000-0000-4000-8000-000000000000
   expect_fail "export of an unknown volume" umbra volume export nosuch
