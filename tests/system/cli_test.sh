@@ -339,8 +339,56 @@ case_nbd_snapshot() {
   holes=$(holes_are_zero "$uri" "$work/ref-n1.img")
   ((holes > 64 * 1024 * 1024)) || fail "only $holes bytes of holes after fstrim of a mostly empty filesystem"
   log "ok: nbdinfo --map: $holes bytes of holes, all zero in the reference"
+  # Misbehaving clients hammer the socket while real clients copy: garbage
+  # from the first byte, a bad option magic, a request past the end, an
+  # oversized write, a disconnect mid-request. None may disturb the copies.
+  python3 - "$work/nbd.sock" "snap-$snap" >"$work/bad-clients.txt" 2>&1 <<'PY' &
+import os, random, socket, struct, sys
+path, name = sys.argv[1], sys.argv[2].encode()
+random.seed(1)
+def conn():
+    s = socket.socket(socket.AF_UNIX); s.connect(path); s.settimeout(5); return s
+def handshake(s):
+    s.recv(18); s.sendall(struct.pack(">I", 3))
+    s.sendall(struct.pack(">QII", 0x49484156454F5054, 8, 0)); s.recv(20)
+    d = struct.pack(">I", len(name)) + name + struct.pack(">H", 0)
+    s.sendall(struct.pack(">QII", 0x49484156454F5054, 7, len(d)) + d)
+    got = b""
+    while not got.endswith(struct.pack(">QIII", 0x3e889045565a9, 7, 1, 0)):
+        chunk = s.recv(4096)
+        if not chunk: raise SystemExit("server closed during GO")
+        got += chunk
+for i in range(200):
+    kind = i % 5
+    try:
+        s = conn()
+        if kind == 0:
+            s.sendall(os.urandom(random.randint(1, 4096)))
+        elif kind == 1:
+            s.recv(18); s.sendall(struct.pack(">I", 3) + struct.pack(">QII", 0x1234, 7, 0))
+        else:
+            handshake(s)
+            if kind == 2:
+                s.sendall(struct.pack(">IHHQQI", 0x25609513, 0, 0, 1, 1 << 62, 4096)); s.recv(64)
+            elif kind == 3:
+                s.sendall(struct.pack(">IHHQQI", 0x25609513, 0, 1, 2, 0, 1 << 31))
+            else:
+                s.sendall(struct.pack(">IHHQQI", 0x25609513, 0, 0, 3, 0, 1 << 20)); s.close(); continue
+        s.recv(64)
+        s.close()
+    except (OSError, socket.timeout):
+        pass
+print("done")
+PY
+  local bad_pid=$!
+  bg_pids+=("$bad_pid")
   nbdcopy "$uri" "$work/nbdcopy.img" || fail "nbdcopy"
   cmp "$work/nbdcopy.img" "$work/ref-n1.img" || fail "nbdcopy of the snapshot differs from the reference"
+  wait "$bad_pid" || fail "the misbehaving clients script failed: $(cat "$work/bad-clients.txt")"
+  grep -q done "$work/bad-clients.txt" || fail "misbehaving clients did not finish"
+  kill -0 "$daemon_pid" || fail "umbrad died"
+  nbdcopy "$uri" "$work/nbdcopy2.img" && cmp "$work/nbdcopy2.img" "$work/ref-n1.img" ||
+    fail "a copy after the misbehaving clients differs"
   qemu-img convert -f raw -O qcow2 "$uri" "$work/snap.qcow2" || fail "qemu-img convert"
   qemu-img compare -f qcow2 -F raw "$work/snap.qcow2" "$work/ref-n1.img" || fail "qemu-img compare"
   # Writes to a read-only export are refused; the snapshot is unchanged.
