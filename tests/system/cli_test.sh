@@ -358,25 +358,33 @@ def handshake(s):
         chunk = s.recv(4096)
         if not chunk: raise SystemExit("server closed during GO")
         got += chunk
+def until_closed(s):  # the server must drop this client
+    while s.recv(4096):
+        pass
 for i in range(200):
     kind = i % 5
     try:
         s = conn()
-        if kind == 0:
-            s.sendall(os.urandom(random.randint(1, 4096)))
-        elif kind == 1:
+        if kind == 0:    # garbage from the first byte
+            s.sendall(os.urandom(random.randint(4, 4096)))
+            until_closed(s)
+        elif kind == 1:  # bad option magic
             s.recv(18); s.sendall(struct.pack(">I", 3) + struct.pack(">QII", 0x1234, 7, 0))
+            until_closed(s)
         else:
             handshake(s)
-            if kind == 2:
-                s.sendall(struct.pack(">IHHQQI", 0x25609513, 0, 0, 1, 1 << 62, 4096)); s.recv(64)
-            elif kind == 3:
+            if kind == 2:  # offset far past the end: an error reply, the connection stays
+                s.sendall(struct.pack(">IHHQQI", 0x25609513, 0, 0, 1, 1 << 62, 4096))
+                s.recv(64)
+            elif kind == 3:  # a 2 GiB write: dropped
                 s.sendall(struct.pack(">IHHQQI", 0x25609513, 0, 1, 2, 0, 1 << 31))
-            else:
-                s.sendall(struct.pack(">IHHQQI", 0x25609513, 0, 0, 3, 0, 1 << 20)); s.close(); continue
-        s.recv(64)
+                until_closed(s)
+            else:  # disconnect right after a read request
+                s.sendall(struct.pack(">IHHQQI", 0x25609513, 0, 0, 3, 0, 1 << 20))
         s.close()
-    except (OSError, socket.timeout):
+    except socket.timeout:
+        sys.exit("connection %d (kind %d): the server neither answered nor dropped it" % (i, kind))
+    except OSError:
         pass
 print("done")
 PY
