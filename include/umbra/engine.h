@@ -128,6 +128,10 @@ class Volume {
   // Allocated (not free at the instant) ranges of the snapshot, chunk
   // granular, merged, in order.
   virtual Result<std::vector<Extent>> SnapshotExtents(const std::string& id) = 0;
+  // Allocated (not free: written since the last discard) ranges of the live
+  // volume within [off, off+len), chunk granular, clipped to the range,
+  // merged, in order. A moment's view: concurrent writes may change it.
+  virtual Result<std::vector<Extent>> LiveExtents(uint64_t off, uint64_t len) = 0;
 
   // Shadow storage.
   virtual StorageUsage GetStorageUsage() = 0;

@@ -3,30 +3,66 @@
 
 #include <algorithm>
 #include <mutex>
+#include <shared_mutex>
 
 #include "daemon/log.h"
 
 namespace umbra::daemon {
 
+namespace {
+
 constexpr const char* kSnapshotPrefix = "snap-";
 
+// Runs of holes and data covering [off, off+len), from allocated extents
+// sorted by offset (at most kMaxRuns; the client asks again for the rest).
+constexpr size_t kMaxRuns = 1024;
+void RunsFrom(const std::vector<Extent>& allocated, uint64_t off, uint64_t len,
+              std::vector<nbd::AllocationRun>* out) {
+  const uint64_t end = off + len;
+  // First extent that ends after `off`.
+  auto it = std::upper_bound(allocated.begin(), allocated.end(), off,
+                             [](uint64_t o, const Extent& e) { return o < e.offset + e.length; });
+  uint64_t pos = off;
+  while (pos < end && out->size() < kMaxRuns) {
+    if (it == allocated.end() || pos < it->offset) {
+      const uint64_t stop = it == allocated.end() ? end : std::min(end, it->offset);
+      out->push_back({stop - pos, true});
+      pos = stop;
+    } else {
+      const uint64_t stop = std::min(end, it->offset + it->length);
+      out->push_back({stop - pos, false});
+      pos = stop;
+      ++it;
+    }
+  }
+}
+
+}  // namespace
+
 // The live volume, read-write through the engine (copy-on-write protects
-// its snapshots). Everything reports as data in base:allocation.
+// its snapshots). base:allocation: chunks free in the engine's free map
+// (discarded, or never written on a volume umbrad created) are holes, asked
+// for each request's range (the live volume changes).
 class Daemon::NbdVolumeExport final : public nbd::Export {
  public:
-  NbdVolumeExport(Daemon* d, std::string volume, std::unique_ptr<BlockDevice> dev)
-      : d_(d), volume_(std::move(volume)), dev_(std::move(dev)) {}
+  NbdVolumeExport(Daemon* d, std::string volume, VolumeHolder* holder,
+                  std::unique_ptr<BlockDevice> dev)
+      : d_(d), volume_(std::move(volume)), holder_(holder), dev_(std::move(dev)) {}
   ~NbdVolumeExport() override { d_->NbdRelease(volume_); }
   BlockDevice& device() override { return *dev_; }
   std::string description() const override { return "Umbra volume " + volume_ + " (live)"; }
-  Status Allocation(uint64_t, uint64_t len, std::vector<nbd::AllocationRun>* out) override {
-    out->push_back({len, false});
+  Status Allocation(uint64_t off, uint64_t len, std::vector<nbd::AllocationRun>* out) override {
+    std::shared_lock l(holder_->mu);
+    if (!holder_->volume) return Status(Code::kIOError, "volume is closed", EIO);
+    UMBRA_ASSIGN_OR_RETURN(std::vector<Extent> allocated, holder_->volume->LiveExtents(off, len));
+    RunsFrom(allocated, off, len, out);
     return Status::Ok();
   }
 
  private:
   Daemon* const d_;
   const std::string volume_;
+  VolumeHolder* const holder_;  // outlives us: the volume cannot go while nbd_clients > 0
   const std::unique_ptr<BlockDevice> dev_;
 };
 
@@ -48,28 +84,11 @@ class Daemon::NbdSnapshotExport final : public nbd::Export {
     return "Umbra snapshot " + id_ + " of volume " + volume_ + " (read-only)";
   }
   Status Allocation(uint64_t off, uint64_t len, std::vector<nbd::AllocationRun>* out) override {
-    const uint64_t end = off + len;
-    // First extent that ends after `off`.
-    auto it = std::upper_bound(allocated_.begin(), allocated_.end(), off,
-                               [](uint64_t o, const Extent& e) { return o < e.offset + e.length; });
-    uint64_t pos = off;
-    while (pos < end && out->size() < kMaxRuns) {
-      if (it == allocated_.end() || pos < it->offset) {
-        const uint64_t stop = it == allocated_.end() ? end : std::min(end, it->offset);
-        out->push_back({stop - pos, true});
-        pos = stop;
-      } else {
-        const uint64_t stop = std::min(end, it->offset + it->length);
-        out->push_back({stop - pos, false});
-        pos = stop;
-        ++it;
-      }
-    }
+    RunsFrom(allocated_, off, len, out);
     return Status::Ok();
   }
 
  private:
-  static constexpr size_t kMaxRuns = 1024;  // per reply; the client asks again for the rest
   Daemon* const d_;
   const std::string volume_;
   const std::string id_;
@@ -105,8 +124,8 @@ Result<std::unique_ptr<nbd::Export>> Daemon::NbdOpen(const std::string& name) {
   }
   UMBRA_ASSIGN_OR_RETURN(VolumeEntry * v, FindOpenVolume(name));
   ++v->nbd_clients;
-  return std::unique_ptr<nbd::Export>(
-      std::make_unique<NbdVolumeExport>(this, name, VolumeDevice(v->holder.get(), v->rec.size)));
+  return std::unique_ptr<nbd::Export>(std::make_unique<NbdVolumeExport>(
+      this, name, v->holder.get(), VolumeDevice(v->holder.get(), v->rec.size)));
 }
 
 void Daemon::NbdRelease(const std::string& volume) {

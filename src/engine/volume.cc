@@ -1063,6 +1063,25 @@ Result<std::vector<Extent>> VolumeImpl::SnapshotExtents(const std::string& id) {
   return out;
 }
 
+Result<std::vector<Extent>> VolumeImpl::LiveExtents(uint64_t off, uint64_t len) {
+  if (off > size_ || len > size_ - off) return Status::InvalidArgument("range beyond the volume");
+  std::vector<Extent> out;
+  if (len == 0) return out;
+  const uint64_t end = off + len;
+  std::lock_guard l(meta_mu_);
+  for (uint64_t c = off >> shift_; (c << shift_) < end; ++c) {
+    if (state_.free_map().Test(c)) continue;
+    const uint64_t o = std::max(off, c << shift_);
+    const uint64_t e = std::min(end, (c + 1) << shift_);
+    if (!out.empty() && out.back().offset + out.back().length == o) {
+      out.back().length += e - o;
+    } else {
+      out.push_back({o, e - o});
+    }
+  }
+  return out;
+}
+
 // ------------------------------------------------------------- storage --
 
 StorageUsage VolumeImpl::GetStorageUsage() {

@@ -100,6 +100,7 @@ class VolumeImpl final : public Volume {
   Result<SnapshotInfo> GetSnapshot(const std::string& id) override;
   Status ReadSnapshot(const std::string& id, uint64_t off, std::span<std::byte> buf) override;
   Result<std::vector<Extent>> SnapshotExtents(const std::string& id) override;
+  Result<std::vector<Extent>> LiveExtents(uint64_t off, uint64_t len) override;
   StorageUsage GetStorageUsage() override;
   Status SetMaxSize(MaxSize max) override;
   Status SetProtection(ProtectionLevel level) override;

@@ -339,6 +339,12 @@ case_nbd_snapshot() {
   holes=$(holes_are_zero "$uri" "$work/ref-n1.img")
   ((holes > 64 * 1024 * 1024)) || fail "only $holes bytes of holes after fstrim of a mostly empty filesystem"
   log "ok: nbdinfo --map: $holes bytes of holes, all zero in the reference"
+  # The live volume's export maps the trimmed space as holes too.
+  sync
+  dd if="$dev" of="$work/live.img" bs=1M iflag=direct status=none || fail "copy of the live volume"
+  holes=$(holes_are_zero "nbd+unix:///v?socket=$work/nbd.sock" "$work/live.img")
+  ((holes > 64 * 1024 * 1024)) || fail "live export: only $holes bytes of holes after fstrim"
+  log "ok: live export: $holes bytes of holes, all zero on the device"
   # Misbehaving clients hammer the socket while real clients copy: garbage
   # from the first byte, a bad option magic, a request past the end, an
   # oversized write, a disconnect mid-request. None may disturb the copies.

@@ -129,6 +129,24 @@ TEST_F(EngineTest, DiscardedChunksCopyNothingReadZerosAndAreNotAllocated) {
   EXPECT_EQ((*ext)[0].length, 8 * kChunk);
   EXPECT_EQ((*ext)[1].offset, 12 * kChunk);
   EXPECT_EQ((*ext)[1].length, kSize - 12 * kChunk);
+
+  // The live volume: the rewritten chunks are allocated again; discard two
+  // more and ask for a range that starts and ends inside chunks.
+  ASSERT_TRUE(vol_->Discard(20 * kChunk, 2 * kChunk).ok());
+  auto live = vol_->LiveExtents(18 * kChunk + 10, 6 * kChunk);
+  ASSERT_TRUE(live.ok()) << live.status().ToString();
+  ASSERT_EQ(live->size(), 2u);
+  EXPECT_EQ((*live)[0].offset, 18 * kChunk + 10);
+  EXPECT_EQ((*live)[0].length, 2 * kChunk - 10);
+  EXPECT_EQ((*live)[1].offset, 22 * kChunk);
+  EXPECT_EQ((*live)[1].length, 2 * kChunk + 10);
+  auto all = vol_->LiveExtents(0, kSize);
+  ASSERT_TRUE(all.ok());
+  ASSERT_EQ(all->size(), 2u);
+  EXPECT_EQ((*all)[0].length, 20 * kChunk);
+  EXPECT_EQ((*all)[1].offset, 22 * kChunk);
+  EXPECT_EQ(vol_->LiveExtents(kSize, 1).status().code(), Code::kInvalidArgument);
+  EXPECT_TRUE(vol_->LiveExtents(kSize, 0)->empty());
 }
 
 TEST_F(EngineTest, DiscardAfterSnapshotKeepsSnapshotExactAndPartialDiscardReadsZeros) {
