@@ -45,6 +45,13 @@ Result<std::string> ArgString(const Json& args, const char* key) {
   return it->get<std::string>();
 }
 
+// The error for an operation on snapshot `id` that was invalidated.
+Status InvalidatedError(const std::string& id, const SnapshotInfo& info,
+                        const std::string& tail = "") {
+  return Status::SnapshotInvalid("snapshot " + id + " was invalidated (" +
+                                 std::string(InvalidCauseName(info.cause)) + ")" + tail);
+}
+
 Result<std::string> ArgOptString(const Json& args, const char* key) {
   auto it = args.find(key);
   if (it == args.end() || it->is_null()) return std::string();
@@ -1062,8 +1069,7 @@ Result<Json> Daemon::OpSnapshotAttach(const Json& args, const Peer&) {
     return Status::AlreadyExists("snapshot " + id + " is already attached at " +
                                  it->second->loop.path());
   if (!info.valid)
-    return Status::SnapshotInvalid("snapshot " + id + " was invalidated (" +
-                                   std::string(InvalidCauseName(info.cause)) + ")");
+    return InvalidatedError(id, info);
   auto a = std::make_unique<SnapshotAttachment>();
   a->volume = v->rec.name;
   a->file = "snap-" + id;
@@ -1128,8 +1134,7 @@ Result<Json> Daemon::OpSnapshotMount(const Json& args, const Peer&) {
   if (auto it = snap_mounts_.find(id); it != snap_mounts_.end())
     return Status::AlreadyExists("snapshot " + id + " is already mounted on " + it->second->dir);
   if (!info.valid)
-    return Status::SnapshotInvalid("snapshot " + id + " was invalidated (" +
-                                   std::string(InvalidCauseName(info.cause)) + ")");
+    return InvalidatedError(id, info);
   for (auto& [sid, m] : snap_mounts_)
     if (m->dir == dir) return Status::Busy(dir + " already has snapshot " + sid + " mounted");
   if (IsMountPoint(dir)) return Status::Busy(dir + " is already a mount point");
@@ -1255,9 +1260,8 @@ Result<Json> Daemon::OpSnapshotExport(const Json& args, const Peer&) {
   SnapshotInfo info;
   UMBRA_RETURN_IF_ERROR(FindSnapshot(id, &info).status());
   if (!info.valid)
-    return Status::SnapshotInvalid("snapshot " + id + " was invalidated (" +
-                                   std::string(InvalidCauseName(info.cause)) + ")");
-  return NbdUri("snap-" + id);
+    return InvalidatedError(id, info);
+  return NbdUri(kNbdSnapshotPrefix + id);
 }
 
 Result<Json> Daemon::OpSnapshotRevert(const Json& args, const Peer&) {
@@ -1272,9 +1276,7 @@ Result<Json> Daemon::OpSnapshotRevert(const Json& args, const Peer&) {
     return Status::Busy("volume '" + v->rec.name + "' is in use by " +
                         std::to_string(v->nbd_clients) + " NBD client(s); disconnect them first");
   if (!info.valid)
-    return Status::SnapshotInvalid("snapshot " + id + " was invalidated (" +
-                                   std::string(InvalidCauseName(info.cause)) +
-                                   "); it cannot be reverted to");
+    return InvalidatedError(id, info, "; it cannot be reverted to");
   Volume* vol = v->holder->volume.get();
   UMBRA_ASSIGN_OR_RETURN(std::vector<Extent> extents, vol->SnapshotExtents(id));
   const uint64_t size = vol->size();

@@ -35,6 +35,9 @@ namespace umbra::daemon {
 
 using control::Json;
 
+// NBD export names of snapshots are this prefix + the snapshot id.
+inline constexpr const char* kNbdSnapshotPrefix = "snap-";
+
 // Who is on the other end of a connection.
 struct Peer {
   uint64_t conn_id = 0;

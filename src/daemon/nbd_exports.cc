@@ -11,8 +11,6 @@ namespace umbra::daemon {
 
 namespace {
 
-constexpr const char* kSnapshotPrefix = "snap-";
-
 // Runs of holes and data covering [off, off+len), from allocated extents
 // sorted by offset (at most kMaxRuns; the client asks again for the rest).
 constexpr size_t kMaxRuns = 1024;
@@ -103,8 +101,8 @@ std::vector<nbd::ExportProvider::Listed> Daemon::NbdList() {
     if (!v->holder->volume) continue;
     out.push_back({name, "Umbra volume " + name + " (live)"});
     for (const SnapshotInfo& s : v->holder->volume->ListSnapshots())
-      out.push_back({kSnapshotPrefix + s.id, "Umbra snapshot " + s.id + " of volume " + name +
-                                                 (s.valid ? "" : " (invalidated)")});
+      out.push_back({kNbdSnapshotPrefix + s.id, "Umbra snapshot " + s.id + " of volume " + name +
+                                                    (s.valid ? "" : " (invalidated)")});
   }
   return out;
 }
@@ -112,8 +110,8 @@ std::vector<nbd::ExportProvider::Listed> Daemon::NbdList() {
 Result<std::unique_ptr<nbd::Export>> Daemon::NbdOpen(const std::string& name) {
   std::lock_guard l(mu_);
   if (!started_) return Status::Busy("umbrad is shutting down");
-  if (name.rfind(kSnapshotPrefix, 0) == 0) {
-    const std::string id = name.substr(std::char_traits<char>::length(kSnapshotPrefix));
+  if (name.rfind(kNbdSnapshotPrefix, 0) == 0) {
+    const std::string id = name.substr(std::char_traits<char>::length(kNbdSnapshotPrefix));
     SnapshotInfo info;
     UMBRA_ASSIGN_OR_RETURN(VolumeEntry * v, FindSnapshot(id, &info));
     UMBRA_ASSIGN_OR_RETURN(std::vector<Extent> allocated, v->holder->volume->SnapshotExtents(id));

@@ -9,10 +9,11 @@
 #include <sys/un.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <chrono>
-#include <cstring>
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <sstream>
@@ -22,14 +23,18 @@
 
 namespace umbra::daemon {
 
+Status Server::ResolveAdminGroup(const std::string& admin_group) {
+  if (admin_group.empty()) return Status::Ok();
+  struct group* g = ::getgrnam(admin_group.c_str());
+  if (g == nullptr)
+    return Status::InvalidArgument("admin_group '" + admin_group + "' does not exist");
+  admin_gid_ = g->gr_gid;
+  return Status::Ok();
+}
+
 Status Server::Start(const std::string& path, const std::string& admin_group) {
   path_ = path;
-  if (!admin_group.empty()) {
-    struct group* g = ::getgrnam(admin_group.c_str());
-    if (g == nullptr)
-      return Status::InvalidArgument("admin_group '" + admin_group + "' does not exist");
-    admin_gid_ = g->gr_gid;
-  }
+  UMBRA_RETURN_IF_ERROR(ResolveAdminGroup(admin_group));
   sockaddr_un addr{};
   addr.sun_family = AF_UNIX;
   if (path.size() >= sizeof(addr.sun_path))
@@ -66,12 +71,7 @@ Status Server::Start(const std::string& path, const std::string& admin_group) {
 }
 
 Status Server::StartTcp(const std::string& address, const std::string& admin_group) {
-  if (!admin_group.empty()) {
-    struct group* g = ::getgrnam(admin_group.c_str());
-    if (g == nullptr)
-      return Status::InvalidArgument("admin_group '" + admin_group + "' does not exist");
-    admin_gid_ = g->gr_gid;
-  }
+  UMBRA_RETURN_IF_ERROR(ResolveAdminGroup(admin_group));
   const size_t colon = address.rfind(':');
   sockaddr_in addr{};
   addr.sin_family = AF_INET;
@@ -184,48 +184,54 @@ std::optional<uid_t> LoopbackPeerUid(int fd) {
   return std::nullopt;
 }
 
+namespace {
+
+// Whether user `uid` belongs to group `gid` (primary or supplementary), from
+// the group database: for TCP callers, whose socket carries no groups.
+bool UserInGroup(uid_t uid, gid_t gid) {
+  passwd* pw = ::getpwuid(uid);
+  if (pw == nullptr) return false;
+  if (pw->pw_gid == gid) return true;
+  std::vector<gid_t> groups(256);
+  int n = static_cast<int>(groups.size());
+  if (::getgrouplist(pw->pw_name, pw->pw_gid, groups.data(), &n) < 0) return false;
+  groups.resize(static_cast<size_t>(n));
+  return std::find(groups.begin(), groups.end(), gid) != groups.end();
+}
+
+// Whether the Unix-socket peer `fd` has `gid` as its group or one of its
+// supplementary groups (SO_PEERCRED's gid, SO_PEERGROUPS).
+bool PeerInGroup(int fd, gid_t peer_gid, gid_t gid) {
+  if (peer_gid == gid) return true;
+  std::vector<gid_t> groups(256);
+  socklen_t glen = static_cast<socklen_t>(groups.size() * sizeof(gid_t));
+  if (::getsockopt(fd, SOL_SOCKET, SO_PEERGROUPS, groups.data(), &glen) != 0) return false;
+  groups.resize(glen / sizeof(gid_t));
+  return std::find(groups.begin(), groups.end(), gid) != groups.end();
+}
+
+}  // namespace
+
 void Server::Serve(int fd, uint64_t conn_id) {
   Peer peer;
   peer.conn_id = conn_id;
-  ucred cred{};
-  socklen_t len = sizeof cred;
-  bool creds = false;
+  // Who calls: SO_PEERCRED on the Unix socket; on loopback TCP the owner of
+  // the client's socket. Allowed: root, or a member of admin_group.
+  std::optional<uid_t> uid;
+  bool in_group = false;
   if (tcp_) {
-    // Loopback TCP: no SO_PEERCRED; find the client's socket owner.
-    if (auto uid = LoopbackPeerUid(fd)) {
-      cred.uid = *uid;
-      cred.gid = static_cast<gid_t>(-1);
-      creds = true;
-      if (admin_gid_ && *uid != 0) {
-        if (passwd* pw = ::getpwuid(*uid)) {
-          std::vector<gid_t> groups(256);
-          int n = static_cast<int>(groups.size());
-          if (::getgrouplist(pw->pw_name, pw->pw_gid, groups.data(), &n) >= 0) {
-            for (int i = 0; i < n; ++i)
-              if (groups[static_cast<size_t>(i)] == *admin_gid_) cred.gid = *admin_gid_;
-          }
-        }
-      }
-    }
+    uid = LoopbackPeerUid(fd);
+    if (uid && admin_gid_) in_group = UserInGroup(*uid, *admin_gid_);
   } else {
-    creds = ::getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) == 0;
-  }
-  if (creds) {
-    peer.uid = cred.uid;
-    peer.allowed = cred.uid == 0;
-    if (!peer.allowed && admin_gid_) {
-      if (cred.gid == *admin_gid_) peer.allowed = true;
-      std::vector<gid_t> groups(256);
-      socklen_t glen = static_cast<socklen_t>(groups.size() * sizeof(gid_t));
-      if (!tcp_ && ::getsockopt(fd, SOL_SOCKET, SO_PEERGROUPS, groups.data(), &glen) == 0) {
-        groups.resize(glen / sizeof(gid_t));
-        for (gid_t g : groups)
-          if (g == *admin_gid_) peer.allowed = true;
-      }
+    ucred cred{};
+    socklen_t len = sizeof cred;
+    if (::getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) == 0) {
+      uid = cred.uid;
+      if (admin_gid_) in_group = PeerInGroup(fd, cred.gid, *admin_gid_);
     }
-  } else {
-    peer.uid = static_cast<uid_t>(-1);
   }
+  peer.uid = uid.value_or(static_cast<uid_t>(-1));
+  peer.allowed = uid && (*uid == 0 || in_group);
   handler_(fd, peer);
   std::lock_guard l(mu_);
   ::close(fd);

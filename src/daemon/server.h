@@ -49,6 +49,7 @@ class Server {
   void Stop();
 
  private:
+  Status ResolveAdminGroup(const std::string& admin_group);
   void AcceptLoop();
   void Serve(int fd, uint64_t conn_id);
 

@@ -526,27 +526,25 @@ std::string Session::Transmit() {
             break;
           }
           if ((flags & kCmdFlagReqOne) != 0) runs.resize(1);
+          // Descriptors first (clipped to the request), then the header
+          // that carries their length.
+          std::vector<std::byte> desc;
+          uint64_t total = 0;
+          for (const auto& run : runs) {
+            if (total >= len) break;
+            const uint64_t l = std::min<uint64_t>(run.length, uint64_t{len} - total);
+            Put32(desc, static_cast<uint32_t>(l));
+            Put32(desc, run.hole ? 3u : 0u);  // NBD_STATE_HOLE | NBD_STATE_ZERO
+            total += l;
+          }
           std::vector<std::byte> r;
           Put32(r, kStructuredReplyMagic);
           Put16(r, kReplyFlagDone);
           Put16(r, kReplyBlockStatus);
           Put64(r, cookie);
-          Put32(r, static_cast<uint32_t>(4 + 8 * runs.size()));
+          Put32(r, static_cast<uint32_t>(4 + desc.size()));
           Put32(r, kAllocationContextId);
-          uint64_t total = 0;
-          for (const auto& run : runs) {
-            const uint64_t l = std::min<uint64_t>(run.length, uint64_t{len} - total);
-            Put32(r, static_cast<uint32_t>(l));
-            Put32(r, run.hole ? 3u : 0u);  // NBD_STATE_HOLE | NBD_STATE_ZERO
-            total += l;
-            if (total >= len) break;
-          }
-          // Fix the length if the loop stopped early.
-          const uint32_t plen = static_cast<uint32_t>(r.size() - 20);
-          r[16] = static_cast<std::byte>(plen >> 24);
-          r[17] = static_cast<std::byte>(plen >> 16);
-          r[18] = static_cast<std::byte>(plen >> 8);
-          r[19] = static_cast<std::byte>(plen);
+          r.insert(r.end(), desc.begin(), desc.end());
           sent = ch_.Write(r.data(), r.size());
           break;
         }
