@@ -15,7 +15,8 @@ PACKAGES=(
   nlohmann-json3-dev libcli11-dev libtomlplusplus-dev libsystemd-dev
   fio e2fsprogs xfsprogs util-linux procps
   libfuse3-dev fuse3
-  libnbd-bin nbdfuse qemu-utils clang
+  libnbd-bin libnbd-dev nbdfuse qemu-utils clang
+  libzstd-dev zstd libssl-dev partclone sqlite3
   python3
 )
 

@@ -46,6 +46,9 @@ struct VolumeConfig {
   ProtectionLevel protection = ProtectionLevel::kVolume;
   uint32_t copy_timeout_ms = 10'000;  // a copy slower than this invalidates snapshots
   bool direct_io = false;             // open the origin with O_DIRECT
+  // The kernel's boot id (/proc/sys/kernel/random/boot_id). With it, change
+  // tracking survives a killed process; without it, only a clean close.
+  std::string boot_id;
 };
 
 enum class InvalidCause : uint8_t {
@@ -70,6 +73,11 @@ struct SnapshotInfo {
   InvalidCause cause = InvalidCause::kNone;
   std::string invalid_message;
   uint64_t exclusive_bytes = 0;  // storage freed if this snapshot alone were deleted
+  // Change tracking position at the instant (set in the result of creating
+  // the snapshot): ChangedSince(tracking_id, change_epoch) gives what changed
+  // after it.
+  std::string tracking_id;
+  uint64_t change_epoch = 0;
 };
 
 struct SnapshotOptions {
@@ -141,6 +149,15 @@ class Volume {
   // copy_timeout_ms); journaled like the other settings. Open() restores the
   // journaled value, so a service applies its configured one after opening.
   virtual Status SetCopyTimeout(uint32_t ms) = 0;
+
+  // Change tracking (docs/format/shadow-storage.md section 6): byte ranges
+  // written, discarded or zeroed after the snapshot that reported
+  // (tracking_id, epoch), region granular, merged, in order; a superset is
+  // possible, a miss is not. kNotFound if the tracking was reset since.
+  virtual Result<std::vector<Extent>> ChangedSince(const std::string& tracking_id,
+                                                   uint64_t epoch) = 0;
+  // Why the change map was reset when the volume was opened, "" if it was not.
+  virtual std::string ChangeMapResetReason() = 0;
 
   // Flushes and writes a checkpoint; deletes auto-release snapshots. The
   // destructor calls it if it was not called.

@@ -113,6 +113,7 @@ void AddVolumeCommands(CLI::App& root, Context& ctx, Registry& reg);
 void AddStorageCommands(CLI::App& root, Context& ctx, Registry& reg);
 void AddSnapshotCommands(CLI::App& root, Context& ctx, Registry& reg);
 void AddSystemCommands(CLI::App& root, Context& ctx, Registry& reg);  // writer, provider, daemon
+void AddImageCommands(CLI::App& root, Context& ctx, Registry& reg);   // image, repo
 
 // ---- client-side validation (before connecting) ----
 

@@ -115,6 +115,7 @@ int Main(int argc, char** argv) {
   AddStorageCommands(app, ctx, reg);
   AddSnapshotCommands(app, ctx, reg);
   AddSystemCommands(app, ctx, reg);
+  AddImageCommands(app, ctx, reg);
 
   try {
     app.parse(argc, argv);

@@ -149,8 +149,22 @@ std::string Daemon::DefaultStorage(const std::string& uuid) const {
   return cfg_.state_dir + "/shadow/" + uuid;
 }
 
+namespace {
+
+// The running kernel's boot id: lets a volume's change map survive a killed
+// umbrad (docs/format/shadow-storage.md section 6).
+std::string BootId() {
+  std::ifstream f("/proc/sys/kernel/random/boot_id");
+  std::string id;
+  std::getline(f, id);
+  return id;
+}
+
+}  // namespace
+
 VolumeConfig Daemon::EngineConfig(const VolumeRecord& rec) const {
   VolumeConfig c;
+  c.boot_id = BootId();
   c.origin_path = rec.origin;
   c.shadow_dir = rec.storage;
   c.uuid = rec.uuid;
@@ -166,6 +180,9 @@ VolumeConfig Daemon::EngineConfig(const VolumeRecord& rec) const {
 Result<std::unique_ptr<Volume>> Daemon::OpenEngine(const VolumeRecord& rec) const {
   auto v = Volume::Open(DefaultEnv(), EngineConfig(rec));
   if (!v.ok()) return v;
+  if (std::string why = (*v)->ChangeMapResetReason(); !why.empty())
+    LogWarning("volume '" + rec.name + "': change tracking was reset (" + why +
+               "); the next incremental image reads the whole volume");
   if (Status s = (*v)->SetCopyTimeout(cfg_.copy_timeout_ms); !s.ok())
     LogWarning("volume '" + rec.name + "': applying copy_timeout_ms: " + s.message());
   return v;
@@ -400,6 +417,7 @@ Result<Json> Daemon::Dispatch(const std::string& op, const Json& args, const Pee
       {"volume.detach", &Daemon::OpVolumeDetach},
       {"volume.list", &Daemon::OpVolumeList},
       {"volume.delete", &Daemon::OpVolumeDelete},
+      {"volume.changes", &Daemon::OpVolumeChanges},
       {"storage.add", &Daemon::OpStorageAdd},
       {"storage.resize", &Daemon::OpStorageResize},
       {"storage.delete", &Daemon::OpStorageDelete},
@@ -499,9 +517,12 @@ Json Daemon::SnapshotObject(const VolumeEntry& v, const SnapshotInfo& s) {
   bool release = false;
   for (const auto& [conn, ids] : release_)
     if (ids.count(s.id)) release = true;
+  Json tracking = nullptr;
+  if (!s.tracking_id.empty()) tracking = Json{{"id", s.tracking_id}, {"epoch", s.change_epoch}};
   return Json{{"id", s.id},
               {"volume", v.rec.name},
               {"seq", s.seq},
+              {"tracking", tracking},
               {"name", s.name},
               {"persistent", s.persistent},
               {"created", s.created_unix_ns},
@@ -788,6 +809,24 @@ Result<Json> Daemon::OpVolumeDetach(const Json& args, const Peer&) {
     return Status::InvalidArgument("volume '" + name + "' is not attached");
   UMBRA_RETURN_IF_ERROR(DetachVolumeLocked(*v, /*force=*/false));
   return Json::object();
+}
+
+Result<Json> Daemon::OpVolumeChanges(const Json& args, const Peer&) {
+  UMBRA_ASSIGN_OR_RETURN(std::string name, ArgString(args, "volume"));
+  UMBRA_ASSIGN_OR_RETURN(std::string tracking, ArgString(args, "tracking_id"));
+  auto e = args.find("epoch");
+  if (e == args.end() || !e->is_number_unsigned())
+    return Status::InvalidArgument("argument 'epoch' must be a non-negative integer");
+  UMBRA_ASSIGN_OR_RETURN(VolumeEntry * v, FindOpenVolume(name));
+  UMBRA_ASSIGN_OR_RETURN(auto extents,
+                         v->holder->volume->ChangedSince(tracking, e->get<uint64_t>()));
+  Json list = Json::array();
+  uint64_t bytes = 0;
+  for (const Extent& x : extents) {
+    list.push_back(Json::array({x.offset, x.length}));
+    bytes += x.length;
+  }
+  return Json{{"extents", list}, {"bytes", bytes}};
 }
 
 Result<Json> Daemon::OpVolumeList(const Json&, const Peer&) {

@@ -110,6 +110,7 @@ class Daemon {
   Result<Json> OpVolumeDetach(const Json& args, const Peer& peer);
   Result<Json> OpVolumeList(const Json& args, const Peer& peer);
   Result<Json> OpVolumeDelete(const Json& args, const Peer& peer);
+  Result<Json> OpVolumeChanges(const Json& args, const Peer& peer);
   Result<Json> OpStorageAdd(const Json& args, const Peer& peer);
   Result<Json> OpStorageResize(const Json& args, const Peer& peer);
   Result<Json> OpStorageDelete(const Json& args, const Peer& peer);

@@ -25,6 +25,7 @@
 #include <shared_mutex>
 #include <thread>
 
+#include "engine/change_map.h"
 #include "engine/chunk_map.h"
 #include "engine/journal.h"
 #include "umbra/engine.h"
@@ -105,6 +106,9 @@ class VolumeImpl final : public Volume {
   Status SetMaxSize(MaxSize max) override;
   Status SetProtection(ProtectionLevel level) override;
   Status SetCopyTimeout(uint32_t ms) override;
+  Result<std::vector<Extent>> ChangedSince(const std::string& tracking_id,
+                                           uint64_t epoch) override;
+  std::string ChangeMapResetReason() override { return change_reset_reason_; }
   Status Close() override;
 
   // Snapshot sets (snapshot_set.cc).
@@ -156,6 +160,7 @@ class VolumeImpl final : public Volume {
   // snapshots and retires the store (protection kVolume).
   Status SyncFreeMap();
   Status RotateLocked();  // admin_mu_ held
+  Status OpenChangeMap();
   Status MaybeRotate();
 
   // Copier thread.
@@ -188,6 +193,8 @@ class VolumeImpl final : public Volume {
   bool closed_ = false;
   bool ready_ = false;  // opened successfully; Close may write
   std::atomic<bool> retired_{false};  // guarded by meta_mu_ for writes
+  std::unique_ptr<ChangeMap> changes_;   // set before ready_
+  std::string change_reset_reason_;
 
   std::mutex copier_mu_;
   std::condition_variable copier_cv_;

@@ -3,7 +3,7 @@
 #
 #   tests/system/cli_test.sh BUILD_DIR CASE
 #
-# CASE: pit_ext4 | pit_xfs | many | cap | kill9 | revert | bad_input | nbd_snapshot | nbd_live
+# CASE: pit_ext4 | pit_xfs | many | cap | kill9 | revert | bad_input | nbd_snapshot | nbd_live | image
 # Each case starts its own umbrad in a fresh /var/tmp directory and removes
 # everything (mounts, loop devices, daemon, files) on exit, pass or fail.
 # Exit 0 pass, 1 fail, 77 skipped (not root / no FUSE / no loop).
@@ -521,6 +521,206 @@ case_bad_input() {
   log "PASS"
 }
 
+# ---- images (docs/format/repository.md) ----
+
+jq_field() { python3 -c 'import json,sys; d=json.load(sys.stdin); print(eval("d"+sys.argv[1]))' "$1"; }
+
+# Mixed data: random, compressible text, and duplicates of both.
+fill_mixed() {
+  local m=$1 mb=$2
+  mkdir -p "$m/data"
+  head -c $((mb * 1024 * 1024 / 3)) /dev/urandom >"$m/data/random.bin"
+  yes "umbra image test line $(date +%s) compressible text" | head -c $((mb * 1024 * 1024 / 3)) >"$m/data/text.txt"
+  cp "$m/data/random.bin" "$m/data/random-copy.bin"
+  sync
+}
+
+# Image VOLUME while writing: freeze, reference copy, start `image create`,
+# thaw as soon as its snapshot exists. Sets $image and $image_json.
+live_image() {
+  local m=$1 dev=$2 vol=$3 tag=$4; shift 4
+  fsfreeze -f "$m" || fail "fsfreeze"
+  dd if="$dev" of="$work/ref-$tag.img" bs=1M iflag=direct status=none || { fsfreeze -u "$m"; fail "reference copy"; }
+  mkdir -p "$work/ref-$tag-files" && cp -a "$m/data" "$work/ref-$tag-files/" 2>/dev/null
+  umbra --json image create "$vol" --repo "$repo" "$@" >"$work/img-$tag.json" 2>"$work/img-$tag.err" &
+  local ipid=$!
+  for _ in $(seq 300); do
+    umbra --json snapshot list "$vol" 2>/dev/null | grep -q '"name": "image-' && break
+    kill -0 $ipid 2>/dev/null || break
+    sleep 0.05
+  done
+  fsfreeze -u "$m"
+  wait $ipid || { cat "$work/img-$tag.err"; fail "image create ($tag)"; }
+  image=$(jq_field '["id"]' <"$work/img-$tag.json")
+  [[ -n $image ]] || fail "image create printed no id"
+  umbra --json snapshot list "$vol" | grep -q '"name": "image-' && fail "image create left its snapshot behind"
+  return 0
+}
+
+restore_equals_ref() {  # image tag [restore args...]
+  local id=$1 tag=$2; shift 2
+  rm -f "$work/restored.img"
+  umbra image restore "$id" --repo "$repo" --to "$work/restored.img" "$@" >/dev/null || fail "image restore $id"
+  cmp "$work/restored.img" "$work/ref-$tag.img" || fail "image $id does not restore to the bytes of $tag"
+}
+
+case_image() {
+  start_daemon
+  repo=$work/repo
+  make_fs_volume v 256M ext4
+  fill_mixed "$mnt" 60
+  start_load "$mnt"
+  sleep 1
+  # 1. A full image taken while writing restores to the snapshot's exact bytes.
+  live_image "$mnt" "$dev" v i1
+  local i1=$image
+  [[ $(jq_field '["filesystem"]' <"$work/img-i1.json") == ext4 ]] || fail "filesystem not detected"
+  restore_equals_ref "$i1" i1
+  e2fsck -fn "$work/restored.img" >/dev/null 2>&1 || fail "fsck -n of the restored image is not clean"
+  mkdir -p "$work/rmnt" && mount -o ro,loop "$work/restored.img" "$work/rmnt" && mounts+=("$work/rmnt") || fail "mount restored image"
+  diff -r "$work/rmnt/data" "$work/ref-i1-files/data" >/dev/null || fail "files in the restored image differ from the instant"
+  umount "$work/rmnt"
+  # Dedup: the random file and its copy are stored once.
+  local stored
+  stored=$(jq_field '["stats"]["stored"]' <"$work/img-i1.json")
+  ((stored < 60 * 1024 * 1024)) || fail "image 1 stored $stored bytes: duplicates not shared or text not compressed"
+  log "ok: full image $i1 exact, fsck clean, files equal, stored $stored bytes"
+
+  # 2. Incremental after changes reads only what changed and restores exactly.
+  head -c $((3 * 1024 * 1024)) /dev/urandom >"$mnt/data/new.bin"; sync
+  live_image "$mnt" "$dev" v i2 --incremental
+  local i2=$image read2 base2
+  read2=$(jq_field '["stats"]["read"]' <"$work/img-i2.json")
+  base2=$(jq_field '["base"]' <"$work/img-i2.json")
+  [[ $base2 == "$i1" ]] || fail "incremental image has base '$base2', expected $i1"
+  ((read2 < 40 * 1024 * 1024)) || fail "incremental image read $read2 bytes (full read?)"
+  restore_equals_ref "$i2" i2
+  log "ok: incremental $i2 read $read2 bytes, exact"
+
+  # 3. Tracking survives kill -9 umbrad between two images.
+  stop_load
+  kill -KILL "$daemon_pid"; wait "$daemon_pid" 2>/dev/null; daemon_pid=""
+  umount -l "$mnt" 2>/dev/null
+  start_daemon
+  grep -q "change tracking was reset" "$work/umbrad.log" && fail "kill -9 reset change tracking"
+  dev=$(umbra volume attach v) || fail "reattach after kill -9"
+  e2fsck -fy "$dev" >/dev/null 2>&1
+  mount "$dev" "$mnt" || fail "remount after kill -9"
+  head -c $((2 * 1024 * 1024)) /dev/urandom >"$mnt/data/after-kill.bin"; sync
+  start_load "$mnt"
+  live_image "$mnt" "$dev" v i3 --incremental
+  local i3=$image
+  [[ $(jq_field '["base"]' <"$work/img-i3.json") == "$i2" ]] || fail "after kill -9 the incremental did not use tracking: $(cat "$work/img-i3.json")"
+  grep -q '"note"' "$work/img-i3.json" && fail "after kill -9: $(jq_field '["note"]' <"$work/img-i3.json")"
+  restore_equals_ref "$i3" i3
+  log "ok: tracking survived kill -9; incremental $i3 exact"
+  stop_load
+
+  # 4. Deleting the first image leaves the later ones whole (after gc too).
+  umbra image delete "$i1" --repo "$repo" >/dev/null 2>&1 || fail "image delete"
+  umbra repo gc --repo "$repo" >/dev/null || fail "repo gc"
+  restore_equals_ref "$i2" i2
+  restore_equals_ref "$i3" i3
+  log "ok: delete + gc left $i2 and $i3 exact"
+
+  # 5. Delta restore onto a stale copy writes only the changed chunks.
+  cp "$work/ref-i2.img" "$work/stale.img"
+  local expect delta_json
+  expect=$(python3 - "$work/ref-i2.img" "$work/ref-i3.img" <<'PY'
+import sys
+a, b = open(sys.argv[1], "rb"), open(sys.argv[2], "rb")
+n = 0
+while True:
+    x, y = a.read(1 << 20), b.read(1 << 20)
+    if not x and not y: break
+    n += x != y
+print(n)
+PY
+)
+  delta_json=$(umbra --json image restore "$i3" --repo "$repo" --to "$work/stale.img" --delta) || fail "delta restore"
+  cmp "$work/stale.img" "$work/ref-i3.img" || fail "delta restore is not exact"
+  [[ $(jq_field '["written_chunks"]' <<<"$delta_json") == "$expect" ]] ||
+    fail "delta restore wrote $(jq_field '["written_chunks"]' <<<"$delta_json") chunks, $expect differ"
+  log "ok: delta restore exact, wrote $expect changed chunks of $(jq_field '["chunks"]' <<<"$delta_json")"
+
+  # 6. verify finds a flipped byte and names the images that need the chunk.
+  umbra image verify --repo "$repo" >/dev/null || fail "verify of a good repository failed"
+  local victim
+  victim=$(python3 - "$repo" <<'PY'
+import os, sys
+best = None
+for d, _, fs in os.walk(os.path.join(sys.argv[1], "chunks")):
+    for f in fs:
+        p = os.path.join(d, f)
+        if os.path.getsize(p) > 4096 and best is None: best = p
+print(best)
+PY
+)
+  printf '\xff' | dd of="$victim" bs=1 seek=2000 conv=notrunc status=none
+  local vout
+  vout=$(umbra image verify --repo "$repo" 2>&1) && fail "verify missed a flipped byte"
+  grep -q "$(basename "$victim")" <<<"$vout" || fail "verify did not name the chunk: $vout"
+  grep -q "$i2\|$i3" <<<"$vout" || fail "verify did not name the images: $vout"
+  log "ok: verify -> $(grep -c DAMAGED <<<"$vout") damaged chunk(s), images named"
+  rm -f "$victim"
+
+  # 7. An interrupted image create leaves the repository consistent; the rerun reuses.
+  local repo2=$work/repo2
+  repo=$repo2
+  head -c $((40 * 1024 * 1024)) /dev/urandom >"$mnt/data/big.bin"; sync
+  umbra --json image create v --repo "$repo2" --threads 1 >/dev/null 2>&1 &
+  local cpid=$!
+  for _ in $(seq 400); do
+    (( $(find "$repo2/chunks" -type f 2>/dev/null | wc -l) >= 20 )) && break
+    sleep 0.05
+  done
+  kill -KILL $cpid; wait $cpid 2>/dev/null
+  local partial
+  partial=$(find "$repo2/chunks" -type f | wc -l)
+  ((partial >= 20)) || fail "interrupted create stored only $partial chunks before the kill"
+  umbra image verify --repo "$repo2" >/dev/null || fail "repository does not verify after an interrupted create"
+  for _ in $(seq 50); do umbra --json snapshot list v | grep -q '"name": "image-' || break; sleep 0.1; done
+  umbra --json snapshot list v | grep -q '"name": "image-' && fail "killed image create left its snapshot"
+  umbra --json image create v --repo "$repo2" >"$work/rerun.json" || fail "rerun"
+  local reused
+  reused=$(jq_field '["stats"]["reused"]' <"$work/rerun.json")
+  ((reused >= partial)) || fail "rerun reused $reused chunks, $partial were stored before the kill"
+  umbra image verify --repo "$repo2" >/dev/null || fail "verify after rerun"
+  log "ok: interrupted create: $partial chunks kept, rerun reused $reused"
+
+  # 8. Encrypted repository.
+  repo=$work/repo-enc
+  UMBRA_PASSPHRASE=correct-horse umbra repo init "$repo" --encrypt >/dev/null || fail "repo init --encrypt"
+  UMBRA_PASSPHRASE=correct-horse live_image "$mnt" "$dev" v enc
+  UMBRA_PASSPHRASE=correct-horse restore_equals_ref "$image" enc
+  grep -rqa "umbra image test line" "$repo" && fail "plaintext found in the encrypted repository"
+  local out
+  out=$(UMBRA_PASSPHRASE=wrong umbra image list --repo "$repo" 2>&1) && fail "wrong passphrase accepted"
+  grep -qi "wrong passphrase" <<<"$out" || fail "wrong passphrase message unclear: $out"
+  log "ok: encrypted repository round trip; wrong passphrase -> $out"
+
+  # 9. Bad input: clear error, non-zero exit, nothing changed.
+  repo=$work/repo
+  local snapshot_before
+  snapshot_before=$(find "$repo" -type f | sort | xargs sha256sum)
+  expect_fail "unknown volume" umbra image create nope --repo "$repo"
+  expect_fail "unknown image" umbra image restore ffffffff --repo "$repo" --to "$work/x.img"
+  expect_fail "missing repository" umbra image list --repo "$work/no-such-repo"
+  mkdir -p "$work/foreign" && echo hello >"$work/foreign/file"
+  expect_fail "foreign repository" umbra image list --repo "$work/foreign"
+  expect_fail "image create into a foreign directory" umbra image create v --repo "$work/foreign"
+  [[ $(ls "$work/foreign") == file ]] || fail "a foreign directory was written to"
+  truncate -s 1M "$work/small.img"
+  expect_fail "restore target too small" umbra image restore "$i3" --repo "$repo" --to "$work/small.img"
+  [[ $(stat -c %s "$work/small.img") == 1048576 ]] || fail "too-small target was changed"
+  cmp -s "$work/small.img" <(head -c 1048576 /dev/zero) || fail "too-small target was written"
+  expect_fail "restore onto a mounted device" umbra image restore "$i3" --repo "$repo" --to "$dev"
+  expect_fail "offline image of a mounted volume" umbra image create "$dev" --offline --repo "$repo"
+  expect_fail "no repository given" env -u UMBRA_REPO "$bin/umbra" image list
+  [[ $(find "$repo" -type f | sort | xargs sha256sum) == "$snapshot_before" ]] || fail "bad input changed the repository"
+  log "PASS"
+}
+
 case "$case_name" in
   pit_ext4) case_pit ext4 ;;
   pit_xfs) case_pit xfs ;;
@@ -531,5 +731,6 @@ case "$case_name" in
   bad_input) case_bad_input ;;
   nbd_snapshot) case_nbd_snapshot ;;
   nbd_live) case_nbd_live ;;
+  image) case_image ;;
   *) echo "unknown case $case_name"; exit 2 ;;
 esac

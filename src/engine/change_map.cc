@@ -1,0 +1,185 @@
+#include "engine/change_map.h"
+
+#include <cstring>
+
+#include "base/checksum.h"
+#include "base/random.h"
+
+namespace umbra::engine {
+namespace {
+
+constexpr char kMagic[8] = {'U', 'M', 'B', 'R', 'A', 'C', 'H', 'G'};
+constexpr uint32_t kVersion = 1;
+constexpr uint32_t kStateOpen = 1;
+constexpr uint32_t kStateClosed = 2;
+constexpr size_t kCrcOffset = 84;
+
+template <typename T>
+void Put(std::byte* p, T v) {
+  std::memcpy(p, &v, sizeof v);  // little-endian host (x86-64, arm64)
+}
+template <typename T>
+T Get(const std::byte* p) {
+  T v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+}  // namespace
+
+ChangeMap::ChangeMap(std::unique_ptr<File> file, uint64_t size, uint32_t region)
+    : file_(std::move(file)),
+      size_(size),
+      region_(region),
+      count_((size + region - 1) / region) {
+  entries_ = std::make_unique<std::atomic<uint64_t>[]>(count_);
+}
+
+Result<std::unique_ptr<ChangeMap>> ChangeMap::Open(Env* env, const std::string& dir,
+                                                   const std::array<uint8_t, 16>& volume_uuid,
+                                                   uint64_t volume_size, uint32_t chunk_size,
+                                                   const std::string& boot_id,
+                                                   std::string* reset_reason) {
+  const std::string path = dir + "/" + kChangeMapName;
+  UMBRA_ASSIGN_OR_RETURN(bool existed, env->Exists(path));
+  UMBRA_ASSIGN_OR_RETURN(auto file, env->Open(path, OpenMode::kCreate));
+  uint32_t region = std::max(kChangeRegionSize, chunk_size);
+  std::unique_ptr<ChangeMap> m(new ChangeMap(std::move(file), volume_size, region));
+  m->volume_uuid_ = volume_uuid;
+  Uuid boot{};
+  if (!ParseUuid(boot_id, boot)) boot = Uuid{};
+  m->boot_ = boot;
+
+  std::string why;
+  std::vector<std::byte> h(kChangeHeaderSize);
+  if (!existed) {
+    why = "";
+  } else if (Status s = m->file_->ReadAt(0, h); !s.ok()) {
+    why = "unreadable (" + s.message() + ")";
+  } else if (std::memcmp(h.data(), kMagic, 8) != 0 || Get<uint32_t>(&h[8]) != kVersion) {
+    why = "not a version 1 change map";
+  } else if (Get<uint32_t>(&h[kCrcOffset]) !=
+             Crc32(std::span<const std::byte>(h.data(), kCrcOffset))) {
+    why = "header checksum mismatch";
+  } else if (Get<uint32_t>(&h[12]) != region || std::memcmp(&h[16], volume_uuid.data(), 16) != 0 ||
+             Get<uint64_t>(&h[32]) != volume_size) {
+    why = "made for another volume, size or region size";
+  } else if (auto fsize = m->file_->Size();
+             !fsize.ok() || *fsize < kChangeHeaderSize + m->count_ * 8) {
+    why = "short (entries missing)";  // they would read as 0: changes silently lost
+  } else {
+    uint32_t state = Get<uint32_t>(&h[80]);
+    bool same_boot = boot != Uuid{} && std::memcmp(&h[64], boot.data(), 16) == 0;
+    if (state != kStateClosed && !same_boot)
+      why = "left open by an earlier boot (power loss or system crash): changes not synced may "
+            "be lost";
+  }
+  bool keep = existed && why.empty();
+  if (keep) {
+    std::memcpy(m->tracking_.data(), &h[40], 16);
+    uint64_t epoch = Get<uint64_t>(&h[56]);
+    std::vector<std::byte> raw(m->count_ * 8);
+    Status s = m->file_->ReadAt(kChangeHeaderSize, raw);
+    if (!s.ok()) {
+      keep = false;
+      why = "entries unreadable (" + s.message() + ")";
+    } else {
+      for (uint64_t i = 0; i < m->count_; ++i) {
+        uint64_t e = Get<uint64_t>(&raw[i * 8]);
+        if (e > epoch) {
+          keep = false;
+          why = "entry newer than the map's epoch";
+          break;
+        }
+        m->entries_[i].store(e, std::memory_order_relaxed);
+      }
+    }
+    // Rule 3: a new epoch per open, so nothing written from now on can be
+    // mistaken for a change before a snapshot taken in an earlier run.
+    m->epoch_.store(epoch + 1);
+  }
+  if (!keep) {
+    UMBRA_RETURN_IF_ERROR(m->file_->Truncate(0));
+    UMBRA_RETURN_IF_ERROR(m->file_->Truncate(kChangeHeaderSize + m->count_ * 8));
+    for (uint64_t i = 0; i < m->count_; ++i) m->entries_[i].store(0, std::memory_order_relaxed);
+    ParseUuid(NewUuid(), m->tracking_);
+    m->epoch_.store(1);
+  }
+  m->tracking_text_ = FormatUuid(m->tracking_);
+  if (reset_reason != nullptr) *reset_reason = existed && !keep ? why : "";
+  UMBRA_RETURN_IF_ERROR(m->WriteHeader(kStateOpen));
+  UMBRA_RETURN_IF_ERROR(m->file_->Sync());
+  if (!existed) UMBRA_RETURN_IF_ERROR(env->SyncDir(dir));
+  return m;
+}
+
+Status ChangeMap::WriteHeader(uint32_t state) {
+  std::lock_guard l(header_mu_);
+  std::array<std::byte, 128> h{};
+  std::memcpy(h.data(), kMagic, 8);
+  Put<uint32_t>(&h[8], kVersion);
+  Put<uint32_t>(&h[12], region_);
+  std::memcpy(&h[16], volume_uuid_.data(), 16);
+  Put<uint64_t>(&h[32], size_);
+  std::memcpy(&h[40], tracking_.data(), 16);
+  Put<uint64_t>(&h[56], epoch_.load());
+  std::memcpy(&h[64], boot_.data(), 16);
+  Put<uint32_t>(&h[80], state);
+  Put<uint32_t>(&h[kCrcOffset], Crc32(std::span<const std::byte>(h.data(), kCrcOffset)));
+  return file_->WriteAt(0, h);
+}
+
+Status ChangeMap::Mark(uint64_t off, uint64_t len) {
+  if (len == 0 || off >= size_) return Status::Ok();
+  const uint64_t e = epoch_.load(std::memory_order_relaxed);
+  const uint64_t r0 = off / region_;
+  const uint64_t r1 = std::min(count_ - 1, (off + len - 1) / region_);
+  for (uint64_t r = r0; r <= r1; ++r) {
+    // The entry is set in memory only after it is in the file: a writer that
+    // finds it set may issue its change at once (rule 1), and one whose file
+    // write failed leaves it unset so the next change retries. Racing
+    // writers may both write the entry; they write the same value.
+    if (entries_[r].load(std::memory_order_acquire) == e) continue;
+    std::array<std::byte, 8> b;
+    Put<uint64_t>(b.data(), e);
+    UMBRA_RETURN_IF_ERROR(
+        file_->WriteAt(kChangeHeaderSize + r * 8, b).Annotate("recording a change"));
+    entries_[r].store(e, std::memory_order_release);
+  }
+  return Status::Ok();
+}
+
+Result<uint64_t> ChangeMap::CloseEpoch() {
+  uint64_t e = epoch_.fetch_add(1);
+  UMBRA_RETURN_IF_ERROR(WriteHeader(kStateOpen));
+  return e;
+}
+
+Result<std::vector<Extent>> ChangeMap::ChangedSince(const std::string& tracking_id,
+                                                    uint64_t epoch) const {
+  if (tracking_id != tracking_text_)
+    return Status::NotFound("change tracking " + tracking_id +
+                            " is not current (the change map was reset to " + tracking_text_ +
+                            ")");
+  std::vector<Extent> out;
+  for (uint64_t r = 0; r < count_; ++r) {
+    if (entries_[r].load(std::memory_order_relaxed) <= epoch) continue;
+    uint64_t off = r * region_;
+    uint64_t len = std::min<uint64_t>(region_, size_ - off);
+    if (!out.empty() && out.back().offset + out.back().length == off)
+      out.back().length += len;
+    else
+      out.push_back({off, len});
+  }
+  return out;
+}
+
+Status ChangeMap::Close() {
+  if (closed_) return Status::Ok();
+  closed_ = true;
+  UMBRA_RETURN_IF_ERROR(file_->Sync());
+  UMBRA_RETURN_IF_ERROR(WriteHeader(kStateClosed));
+  return file_->Sync();
+}
+
+}  // namespace umbra::engine
