@@ -14,6 +14,7 @@
 #include <string>
 #include <vector>
 
+#include "umbra/block_device.h"
 #include "umbra/repo.h"
 #include "umbra/status.h"
 
@@ -131,5 +132,12 @@ struct PrunePolicy {
 // keep_daily days (weeks, months) that have images. Local time.
 std::vector<std::string> PruneSelect(const std::vector<repo::Manifest>& images,
                                      const PrunePolicy& policy);
+
+// An image as a read-only block device (reads decode chunks on demand, with
+// a small cache); writes fail with EROFS. Keeps `repo` alive.
+std::unique_ptr<BlockDevice> ImageDevice(std::shared_ptr<repo::Repository> repo,
+                                         repo::Manifest m);
+// The image's non-zero chunks as merged ranges (NBD base:allocation).
+std::vector<Range> ImageAllocated(const repo::Manifest& m);
 
 }  // namespace umbra::imaging

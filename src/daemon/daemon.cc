@@ -23,6 +23,7 @@
 #include "base/units.h"
 #include "daemon/log.h"
 #include "daemon/system.h"
+#include "umbra/imaging.h"
 
 namespace umbra::daemon {
 namespace {
@@ -433,6 +434,10 @@ Result<Json> Daemon::Dispatch(const std::string& op, const Json& args, const Pee
       {"provider.list", &Daemon::OpProviderList},
       {"volume.export", &Daemon::OpVolumeExport},
       {"snapshot.export", &Daemon::OpSnapshotExport},
+      {"image.export", &Daemon::OpImageExport},
+      {"image.unexport", &Daemon::OpImageUnexport},
+      {"image.mount", &Daemon::OpImageMount},
+      {"image.unmount", &Daemon::OpImageUnmount},
   };
   auto it = kOps.find(op);
   if (it == kOps.end()) return Status::Unsupported("unknown operation");
@@ -1166,22 +1171,31 @@ Result<Json> Daemon::OpSnapshotDetach(const Json& args, const Peer&) {
 Result<Json> Daemon::OpSnapshotMount(const Json& args, const Peer&) {
   UMBRA_ASSIGN_OR_RETURN(std::string id, ArgString(args, "id"));
   UMBRA_ASSIGN_OR_RETURN(std::string dir, ArgString(args, "dir"));
-  UMBRA_RETURN_IF_ERROR(CheckAbsolute(dir, "mount point"));
-  while (dir.size() > 1 && dir.back() == '/') dir.pop_back();
   SnapshotInfo info;
   UMBRA_ASSIGN_OR_RETURN(VolumeEntry * v, FindSnapshot(id, &info));
-  if (auto it = snap_mounts_.find(id); it != snap_mounts_.end())
-    return Status::AlreadyExists("snapshot " + id + " is already mounted on " + it->second->dir);
-  if (!info.valid)
-    return InvalidatedError(id, info);
+  if (!info.valid) return InvalidatedError(id, info);
+  return MountReadOnlyLocked(id, "snapshot " + id, v->rec.name,
+                             SnapshotDevice(v->holder.get(), v->rec.size, id), dir);
+}
+
+// Mounts `base` read-only at `dir` through a throwaway overlay (journal
+// replay writes go there), a FUSE file and a loop device. `key` names the
+// mount in snap_mounts_ (a snapshot id, or "image-ID").
+Result<Json> Daemon::MountReadOnlyLocked(const std::string& key, const std::string& what,
+                                         const std::string& volume,
+                                         std::unique_ptr<BlockDevice> base, std::string dir) {
+  UMBRA_RETURN_IF_ERROR(CheckAbsolute(dir, "mount point"));
+  while (dir.size() > 1 && dir.back() == '/') dir.pop_back();
+  if (auto it = snap_mounts_.find(key); it != snap_mounts_.end())
+    return Status::AlreadyExists(what + " is already mounted on " + it->second->dir);
   for (auto& [sid, m] : snap_mounts_)
-    if (m->dir == dir) return Status::Busy(dir + " already has snapshot " + sid + " mounted");
+    if (m->dir == dir) return Status::Busy(dir + " already has " + sid + " mounted");
   if (IsMountPoint(dir)) return Status::Busy(dir + " is already a mount point");
 
   auto m = std::make_unique<SnapshotMount>();
-  m->volume = v->rec.name;
+  m->volume = volume;
   m->dir = dir;
-  m->file = "mnt-" + id;
+  m->file = "mnt-" + key;
   struct stat st;
   if (::stat(dir.c_str(), &st) == 0) {
     if (!S_ISDIR(st.st_mode)) return Status::InvalidArgument(dir + " is not a directory");
@@ -1193,8 +1207,7 @@ Result<Json> Daemon::OpSnapshotMount(const Json& args, const Peer&) {
   auto undo_dir = [&] {
     if (m->created_dir) ::rmdir(dir.c_str());
   };
-  auto overlay =
-      MakeOverlayDevice(SnapshotDevice(v->holder.get(), v->rec.size, id), cfg_.state_dir + "/tmp");
+  auto overlay = MakeOverlayDevice(std::move(base), cfg_.state_dir + "/tmp");
   if (!overlay.ok()) {
     undo_dir();
     return overlay.status();
@@ -1203,8 +1216,7 @@ Result<Json> Daemon::OpSnapshotMount(const Json& args, const Peer&) {
   m->fstype = DetectFilesystem(m->dev.get(), "");
   if (m->fstype.empty()) {
     undo_dir();
-    return Status::Unsupported("snapshot " + id +
-                               " holds no filesystem umbrad can mount (ext4, XFS or btrfs)");
+    return Status::Unsupported(what + " holds no filesystem umbrad can mount (ext4, XFS or btrfs)");
   }
   if (Status s = export_->Add(m->file, m->dev.get(), 0600); !s.ok()) {
     undo_dir();
@@ -1215,7 +1227,7 @@ Result<Json> Daemon::OpSnapshotMount(const Json& args, const Peer&) {
   if (!loop.ok()) {
     if (!export_->Remove(m->file, kRemoveGrace).ok()) m.release();
     undo_dir();
-    return loop.status().Annotate("attaching a loop device to snapshot " + id);
+    return loop.status().Annotate("attaching a loop device to " + what);
   }
   m->loop = std::move(*loop);
   // Read-only mount on a writable device: ext4 replays its journal and XFS
@@ -1229,22 +1241,24 @@ Result<Json> Daemon::OpSnapshotMount(const Json& args, const Peer&) {
     if (!export_->Remove(m->file, kRemoveGrace).ok()) m.release();
     undo_dir();
     return Status(e == EINVAL ? Code::kCorruption : Code::kIOError,
-                  "mounting snapshot " + id + " (" + m->fstype + ") on " + dir +
-                      " failed: " + std::strerror(e) + " (the kernel log says why)",
+                  "mounting " + what + " (" + m->fstype + ") on " + dir + " failed: " +
+                      std::strerror(e) + " (the kernel log says why)",
                   e);
   }
   const std::string dev = m->loop.path();
   const std::string fstype = m->fstype;
-  snap_mounts_[id] = std::move(m);
+  snap_mounts_[key] = std::move(m);
   SaveMountPoints().IgnoreError();
-  LogInfo("mounted snapshot " + id + " of volume '" + v->rec.name + "' (" + fstype + ", " + dev +
-          ") read-only on " + dir);
-  return Json{{"dir", dir}, {"device", dev}};
+  LogInfo("mounted " + what + (volume.empty() ? "" : " of volume '" + volume + "'") + " (" +
+          fstype + ", " + dev + ") read-only on " + dir);
+  return Json{{"dir", dir}, {"device", dev}, {"filesystem", fstype}};
 }
 
 Status Daemon::UnmountSnapshotLocked(const std::string& id, bool lazy) {
   auto it = snap_mounts_.find(id);
-  if (it == snap_mounts_.end()) return Status::NotFound("snapshot " + id + " is not mounted");
+  if (it == snap_mounts_.end())
+    return Status::NotFound((id.rfind(kImageMountPrefix, 0) == 0 ? "" : "snapshot ") + id +
+                            " is not mounted");
   SnapshotMount& m = *it->second;
   bool done = false;
   for (int i = 0; i < 10 && !done; ++i) {
@@ -1267,7 +1281,7 @@ Status Daemon::UnmountSnapshotLocked(const std::string& id, bool lazy) {
     it->second.release();  // the FUSE mount may still read it; never free it under a reader
   }
   if (it->second && it->second->created_dir) ::rmdir(it->second->dir.c_str());
-  LogInfo("unmounted snapshot " + id + " from " + (it->second ? it->second->dir : ""));
+  LogInfo("unmounted " + id + " from " + (it->second ? it->second->dir : ""));
   snap_mounts_.erase(it);
   SaveMountPoints().IgnoreError();
   return Status::Ok();
@@ -1381,6 +1395,73 @@ void Daemon::OnDisconnect(uint64_t conn_id) {
     else
       LogInfo("released snapshot " + id + " (its requester disconnected)");
   }
+}
+
+// ---- image.* (images of a repository, docs/format/repository.md) ------------
+
+Result<std::shared_ptr<Daemon::OpenImage>> Daemon::OpenImageArgs(const Json& args) {
+  UMBRA_ASSIGN_OR_RETURN(std::string dir, ArgString(args, "repo"));
+  UMBRA_ASSIGN_OR_RETURN(std::string id, ArgString(args, "id"));
+  UMBRA_ASSIGN_OR_RETURN(std::string pass, ArgOptString(args, "passphrase"));
+  UMBRA_RETURN_IF_ERROR(CheckAbsolute(dir, "repository"));
+  UMBRA_ASSIGN_OR_RETURN(auto store, repo::OpenDirStore(dir, false));
+  UMBRA_ASSIGN_OR_RETURN(auto r, repo::Repository::Open(std::move(store), pass));
+  UMBRA_ASSIGN_OR_RETURN(std::string full, r->ResolveImage(id));
+  UMBRA_ASSIGN_OR_RETURN(repo::Manifest m, r->GetManifest(full));
+  auto img = std::make_shared<OpenImage>();
+  img->repo_dir = dir;
+  img->repo = std::move(r);
+  img->manifest = std::move(m);
+  return img;
+}
+
+Result<Json> Daemon::OpImageExport(const Json& args, const Peer&) {
+  UMBRA_ASSIGN_OR_RETURN(auto img, OpenImageArgs(args));
+  const std::string id = img->manifest.id;
+  images_[id] = img;
+  LogInfo("exporting image " + id + " of " + img->manifest.volume + " from " + img->repo_dir +
+          " over NBD");
+  Json j = NbdUri(kNbdImagePrefix + id);
+  j["image"] = id;
+  return j;
+}
+
+Result<Json> Daemon::OpImageUnexport(const Json& args, const Peer&) {
+  UMBRA_ASSIGN_OR_RETURN(std::string id, ArgString(args, "id"));
+  std::string full;
+  for (auto& [iid, img] : images_)
+    if (iid.rfind(id, 0) == 0) full = iid;
+  if (full.empty()) return Status::NotFound("image " + id + " is not exported");
+  images_.erase(full);  // open NBD connections keep their image until they close
+  return Json{{"image", full}};
+}
+
+Result<Json> Daemon::OpImageMount(const Json& args, const Peer&) {
+  UMBRA_ASSIGN_OR_RETURN(std::string dir, ArgString(args, "dir"));
+  UMBRA_ASSIGN_OR_RETURN(auto img, OpenImageArgs(args));
+  const std::string id = img->manifest.id;
+  auto r = MountReadOnlyLocked(kImageMountPrefix + id, "image " + id, "",
+                               imaging::ImageDevice(img->repo, img->manifest), dir);
+  if (r.ok()) (*r)["image"] = id;
+  return r;
+}
+
+Result<Json> Daemon::OpImageUnmount(const Json& args, const Peer&) {
+  std::string key;
+  if (args.contains("id")) {
+    UMBRA_ASSIGN_OR_RETURN(std::string id, ArgString(args, "id"));
+    for (auto& [k, m] : snap_mounts_)
+      if (k.rfind(kImageMountPrefix + id, 0) == 0) key = k;
+    if (key.empty()) return Status::NotFound("image " + id + " is not mounted");
+  } else {
+    UMBRA_ASSIGN_OR_RETURN(std::string dir, ArgString(args, "dir"));
+    while (dir.size() > 1 && dir.back() == '/') dir.pop_back();
+    for (auto& [k, m] : snap_mounts_)
+      if (m->dir == dir && k.rfind(kImageMountPrefix, 0) == 0) key = k;
+    if (key.empty()) return Status::NotFound("no image is mounted on " + dir);
+  }
+  UMBRA_RETURN_IF_ERROR(UnmountSnapshotLocked(key, /*lazy=*/false));
+  return Json::object();
 }
 
 }  // namespace umbra::daemon

@@ -30,6 +30,7 @@
 #include "frontend/fuse/fuse_export.h"
 #include "frontend/loop_device.h"
 #include "frontend/nbd/nbd_server.h"
+#include "umbra/repo.h"
 
 namespace umbra::daemon {
 
@@ -37,6 +38,9 @@ using control::Json;
 
 // NBD export names of snapshots are this prefix + the snapshot id.
 inline constexpr const char* kNbdSnapshotPrefix = "snap-";
+// NBD export names of images, and the keys of image mounts: prefix + image id.
+inline constexpr const char* kImageMountPrefix = "image-";
+inline constexpr const char* kNbdImagePrefix = "image-";
 
 // Who is on the other end of a connection.
 struct Peer {
@@ -99,6 +103,10 @@ class Daemon {
     LoopDevice loop;
   };
 
+  Result<Json> MountReadOnlyLocked(const std::string& key, const std::string& what,
+                                   const std::string& volume, std::unique_ptr<BlockDevice> base,
+                                   std::string dir);
+
   using Handler = Result<Json> (Daemon::*)(const Json& args, const Peer& peer);
   Result<Json> Dispatch(const std::string& op, const Json& args, const Peer& peer);
 
@@ -126,6 +134,10 @@ class Daemon {
   Result<Json> OpProviderList(const Json& args, const Peer& peer);
   Result<Json> OpVolumeExport(const Json& args, const Peer& peer);
   Result<Json> OpSnapshotExport(const Json& args, const Peer& peer);
+  Result<Json> OpImageExport(const Json& args, const Peer& peer);
+  Result<Json> OpImageUnexport(const Json& args, const Peer& peer);
+  Result<Json> OpImageMount(const Json& args, const Peer& peer);
+  Result<Json> OpImageUnmount(const Json& args, const Peer& peer);
   Json NbdUri(const std::string& export_name) const;
   void NbdRelease(const std::string& volume);
   class NbdVolumeExport;
@@ -158,6 +170,15 @@ class Daemon {
   bool started_ = false;
   std::map<std::string, std::unique_ptr<VolumeEntry>> volumes_;             // by name
   std::map<std::string, std::unique_ptr<SnapshotAttachment>> snap_attach_;  // by id
+  // An image of a repository, opened for export or mount.
+  struct OpenImage {
+    std::string repo_dir;
+    std::shared_ptr<repo::Repository> repo;
+    repo::Manifest manifest;
+  };
+  Result<std::shared_ptr<OpenImage>> OpenImageArgs(const Json& args);
+  std::map<std::string, std::shared_ptr<OpenImage>> images_;  // exported, by image id
+  class NbdImageExport;
   std::map<std::string, std::unique_ptr<SnapshotMount>> snap_mounts_;       // by id
   std::map<uint64_t, std::set<std::string>> release_;                       // conn -> snapshot ids
   std::unique_ptr<FuseExport> export_;

@@ -6,6 +6,7 @@
 #include <shared_mutex>
 
 #include "daemon/log.h"
+#include "umbra/imaging.h"
 
 namespace umbra::daemon {
 
@@ -94,6 +95,30 @@ class Daemon::NbdSnapshotExport final : public nbd::Export {
   const std::vector<Extent> allocated_;
 };
 
+// An image of a repository, read-only, served straight from its chunks.
+// base:allocation: zero chunks are holes.
+class Daemon::NbdImageExport final : public nbd::Export {
+ public:
+  explicit NbdImageExport(std::shared_ptr<OpenImage> img)
+      : img_(std::move(img)), dev_(imaging::ImageDevice(img_->repo, img_->manifest)) {
+    for (const imaging::Range& r : imaging::ImageAllocated(img_->manifest))
+      allocated_.push_back({r.offset, r.length});
+  }
+  BlockDevice& device() override { return *dev_; }
+  std::string description() const override {
+    return "Umbra image " + img_->manifest.id + " of " + img_->manifest.volume + " (read-only)";
+  }
+  Status Allocation(uint64_t off, uint64_t len, std::vector<nbd::AllocationRun>* out) override {
+    RunsFrom(allocated_, off, len, out);
+    return Status::Ok();
+  }
+
+ private:
+  const std::shared_ptr<OpenImage> img_;
+  const std::unique_ptr<BlockDevice> dev_;
+  std::vector<Extent> allocated_;
+};
+
 std::vector<nbd::ExportProvider::Listed> Daemon::NbdList() {
   std::lock_guard l(mu_);
   std::vector<nbd::ExportProvider::Listed> out;
@@ -104,6 +129,9 @@ std::vector<nbd::ExportProvider::Listed> Daemon::NbdList() {
       out.push_back({kNbdSnapshotPrefix + s.id, "Umbra snapshot " + s.id + " of volume " + name +
                                                     (s.valid ? "" : " (invalidated)")});
   }
+  for (auto& [id, img] : images_)
+    out.push_back({kNbdImagePrefix + id,
+                   "Umbra image " + id + " of " + img->manifest.volume + " (read-only)"});
   return out;
 }
 
@@ -119,6 +147,13 @@ Result<std::unique_ptr<nbd::Export>> Daemon::NbdOpen(const std::string& name) {
     return std::unique_ptr<nbd::Export>(std::make_unique<NbdSnapshotExport>(
         this, v->rec.name, id, SnapshotDevice(v->holder.get(), v->rec.size, id),
         std::move(allocated)));
+  }
+  if (name.rfind(kNbdImagePrefix, 0) == 0) {
+    auto it = images_.find(name.substr(std::char_traits<char>::length(kNbdImagePrefix)));
+    if (it == images_.end())
+      return Status::NotFound("no exported image " + name +
+                              " (export it first: umbra image export ID --repo DIR)");
+    return std::unique_ptr<nbd::Export>(std::make_unique<NbdImageExport>(it->second));
   }
   UMBRA_ASSIGN_OR_RETURN(VolumeEntry * v, FindOpenVolume(name));
   ++v->nbd_clients;

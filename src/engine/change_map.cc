@@ -39,6 +39,7 @@ Result<std::unique_ptr<ChangeMap>> ChangeMap::Open(Env* env, const std::string& 
                                                    const std::array<uint8_t, 16>& volume_uuid,
                                                    uint64_t volume_size, uint32_t chunk_size,
                                                    const std::string& boot_id,
+                                                   bool expect_existing,
                                                    std::string* reset_reason) {
   const std::string path = dir + "/" + kChangeMapName;
   UMBRA_ASSIGN_OR_RETURN(bool existed, env->Exists(path));
@@ -106,7 +107,8 @@ Result<std::unique_ptr<ChangeMap>> ChangeMap::Open(Env* env, const std::string& 
     m->epoch_.store(1);
   }
   m->tracking_text_ = FormatUuid(m->tracking_);
-  if (reset_reason != nullptr) *reset_reason = existed && !keep ? why : "";
+  if (!existed && expect_existing) why = "missing";
+  if (reset_reason != nullptr) *reset_reason = (existed || expect_existing) && !keep ? why : "";
   UMBRA_RETURN_IF_ERROR(m->WriteHeader(kStateOpen));
   UMBRA_RETURN_IF_ERROR(m->file_->Sync());
   if (!existed) UMBRA_RETURN_IF_ERROR(env->SyncDir(dir));
@@ -129,34 +131,58 @@ Status ChangeMap::WriteHeader(uint32_t state) {
   return file_->WriteAt(0, h);
 }
 
-Status ChangeMap::Mark(uint64_t off, uint64_t len) {
-  if (len == 0 || off >= size_) return Status::Ok();
+void ChangeMap::Mark(uint64_t off, uint64_t len) {
+  if (len == 0 || off >= size_ || broken_.load(std::memory_order_relaxed)) return;
   const uint64_t e = epoch_.load(std::memory_order_relaxed);
   const uint64_t r0 = off / region_;
   const uint64_t r1 = std::min(count_ - 1, (off + len - 1) / region_);
   for (uint64_t r = r0; r <= r1; ++r) {
     // The entry is set in memory only after it is in the file: a writer that
-    // finds it set may issue its change at once (rule 1), and one whose file
-    // write failed leaves it unset so the next change retries. Racing
-    // writers may both write the entry; they write the same value.
+    // finds it set may issue its change at once (rule 1). Racing writers may
+    // both write the entry; they write the same value.
     if (entries_[r].load(std::memory_order_acquire) == e) continue;
     std::array<std::byte, 8> b;
     Put<uint64_t>(b.data(), e);
-    UMBRA_RETURN_IF_ERROR(
-        file_->WriteAt(kChangeHeaderSize + r * 8, b).Annotate("recording a change"));
+    if (Status s = file_->WriteAt(kChangeHeaderSize + r * 8, b); !s.ok()) {
+      Break(s.Annotate("recording a change"));
+      return;
+    }
     entries_[r].store(e, std::memory_order_release);
   }
-  return Status::Ok();
 }
 
-Result<uint64_t> ChangeMap::CloseEpoch() {
+void ChangeMap::Break(const Status& why) {
+  {
+    std::lock_guard l(header_mu_);
+    if (broken_.load()) return;
+    broken_reason_ = why.message();
+    broken_.store(true);
+  }
+  // Cut the file short so that the next open resets the map (rule 4) even
+  // if this process is killed: a map missing a change must never be trusted.
+  // If even that fails, the map is left "open"; only a same-boot reopen after
+  // a kill would then trust it (docs/format/shadow-storage.md section 6).
+  if (file_->Truncate(kChangeHeaderSize).ok()) file_->Sync().IgnoreError();
+}
+
+uint64_t ChangeMap::CloseEpoch() {
   uint64_t e = epoch_.fetch_add(1);
-  UMBRA_RETURN_IF_ERROR(WriteHeader(kStateOpen));
+  if (!broken_.load()) {
+    if (Status s = WriteHeader(kStateOpen); !s.ok()) Break(s.Annotate("closing an epoch"));
+  }
   return e;
+}
+
+std::string ChangeMap::tracking_id() const {
+  return broken_.load() ? std::string() : tracking_text_;
 }
 
 Result<std::vector<Extent>> ChangeMap::ChangedSince(const std::string& tracking_id,
                                                     uint64_t epoch) const {
+  if (broken_.load()) {
+    std::lock_guard l(header_mu_);
+    return Status::NotFound("change tracking stopped: " + broken_reason_);
+  }
   if (tracking_id != tracking_text_)
     return Status::NotFound("change tracking " + tracking_id +
                             " is not current (the change map was reset to " + tracking_text_ +
@@ -177,6 +203,7 @@ Result<std::vector<Extent>> ChangeMap::ChangedSince(const std::string& tracking_
 Status ChangeMap::Close() {
   if (closed_) return Status::Ok();
   closed_ = true;
+  if (broken_.load()) return Status::Ok();  // never mark a map missing changes clean
   UMBRA_RETURN_IF_ERROR(file_->Sync());
   UMBRA_RETURN_IF_ERROR(WriteHeader(kStateClosed));
   return file_->Sync();

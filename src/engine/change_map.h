@@ -27,22 +27,28 @@ class ChangeMap {
  public:
   // Opens (or creates, or resets: rule 4) the map in `dir`. `reset_reason`
   // is set to why an existing map could not be trusted ("" if it was kept or
-  // is new). Errors only if the file cannot be written at all.
+  // is new; "missing" if `expect_existing` and there is none). Errors only
+  // if the file cannot be written at all.
   static Result<std::unique_ptr<ChangeMap>> Open(Env* env, const std::string& dir,
                                                  const std::array<uint8_t, 16>& volume_uuid,
                                                  uint64_t volume_size, uint32_t chunk_size,
                                                  const std::string& boot_id,
-                                                 std::string* reset_reason);
+                                                 bool expect_existing, std::string* reset_reason);
 
   // Records that [off, off+len) changes in the current epoch. Call before
-  // issuing the change (rule 1).
-  Status Mark(uint64_t off, uint64_t len);
+  // issuing the change (rule 1). Never fails the change: if the map cannot
+  // be written, tracking stops (Break) and the change goes ahead.
+  void Mark(uint64_t off, uint64_t len);
   // Closes the current epoch and returns it (rule 2).
-  Result<uint64_t> CloseEpoch();
+  uint64_t CloseEpoch();
+  // Stops tracking: ChangedSince reports kNotFound from now on, tracking_id()
+  // is "", Close does not mark the map clean, and the next open resets it.
+  void Break(const Status& why);
   // Byte ranges (region granular, clipped to the volume, merged) changed
   // after `epoch`. kNotFound if `tracking_id` is not this map's (reset).
   Result<std::vector<Extent>> ChangedSince(const std::string& tracking_id, uint64_t epoch) const;
-  const std::string& tracking_id() const { return tracking_text_; }
+  // "" once tracking has stopped.
+  std::string tracking_id() const;
   uint64_t region_size() const { return region_; }
   // Syncs the entries and marks the map closed cleanly.
   Status Close();
@@ -61,8 +67,10 @@ class ChangeMap {
   std::atomic<uint64_t> epoch_{1};
   std::unique_ptr<std::atomic<uint64_t>[]> entries_;
   uint64_t count_ = 0;
-  std::mutex header_mu_;
+  mutable std::mutex header_mu_;
   bool closed_ = false;
+  std::atomic<bool> broken_{false};
+  std::string broken_reason_;  // guarded by header_mu_
 };
 
 }  // namespace umbra::engine

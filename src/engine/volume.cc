@@ -175,6 +175,7 @@ Status VolumeImpl::StartGeneration(uint64_t gen, uint64_t first_lsn) {
 }
 
 Status VolumeImpl::InitNew() {
+  creating_ = true;
   UMBRA_RETURN_IF_ERROR(StartGeneration(1, 1));
   UMBRA_RETURN_IF_ERROR(OpenChangeMap());
   ready_ = true;
@@ -184,7 +185,7 @@ Status VolumeImpl::InitNew() {
 Status VolumeImpl::OpenChangeMap() {
   std::string why;
   auto m = ChangeMap::Open(env_, cfg_.shadow_dir, uuid_, size_, cfg_.chunk_size, cfg_.boot_id,
-                           &why);
+                           /*expect_existing=*/!creating_, &why);
   if (!m.ok()) return m.status().Annotate("opening the change map");
   changes_ = std::move(m).value();
   change_reset_reason_ = why;
@@ -383,7 +384,7 @@ Status VolumeImpl::Write(uint64_t off, std::span<const std::byte> buf, bool fua)
   if (buf.empty()) return Status::Ok();
   std::shared_lock g(gate_);
   if (closed_) return Status(Code::kIOError, "volume is closed", EIO);
-  UMBRA_RETURN_IF_ERROR(changes_->Mark(off, buf.size()));  // before the write: rule 6.1
+  changes_->Mark(off, buf.size());  // before the write: rule 6.1
   uint64_t c0 = ChunkOf(off), c1 = ChunkOf(off + buf.size() - 1);
   bool active = cow_active_.load();
   bool fast = true;
@@ -747,7 +748,7 @@ Status VolumeImpl::Discard(uint64_t off, uint64_t len) {
       journal_->Append(r);
     }
     uint64_t coff = c << shift_;
-    UMBRA_RETURN_IF_ERROR(changes_->Mark(coff, cfg_.chunk_size));
+    changes_->Mark(coff, cfg_.chunk_size);
     origin_->PunchHole(coff, std::min<uint64_t>(cfg_.chunk_size, size_ - coff)).IgnoreError();
   }
   return Status::Ok();
@@ -938,7 +939,7 @@ Result<SnapshotInfo> VolumeImpl::AddSnapshotLocked(const SnapshotOptions& opts,
   s.info.set_id = FormatUuid(set_uuid);
   s.info.set_size = set_size;
   // Inside the instant (gate_ held exclusively): rule 6.2.
-  UMBRA_ASSIGN_OR_RETURN(s.info.change_epoch, changes_->CloseEpoch());
+  s.info.change_epoch = changes_->CloseEpoch();
   s.info.tracking_id = changes_->tracking_id();
   SnapshotInfo info = s.info;
   Record r;

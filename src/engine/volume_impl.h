@@ -195,6 +195,7 @@ class VolumeImpl final : public Volume {
   std::atomic<bool> retired_{false};  // guarded by meta_mu_ for writes
   std::unique_ptr<ChangeMap> changes_;   // set before ready_
   std::string change_reset_reason_;
+  bool creating_ = false;  // InitNew: no change map expected yet
 
   std::mutex copier_mu_;
   std::condition_variable copier_cv_;

@@ -295,6 +295,8 @@ class RepositoryImpl final : public Repository {
   Status PutManifest(const Manifest& m) override {
     if (m.chunks.size() != m.chunk_count())
       return Status::InvalidArgument("manifest chunk list does not match its size");
+    if (m.repository != id_)
+      return Status::InvalidArgument("manifest names repository " + m.repository + ", not " + id_);
     const std::string name = "images/" + m.id;
     UMBRA_ASSIGN_OR_RETURN(bool taken, store_->Exists(name));
     if (taken) return Status::AlreadyExists("image " + m.id + " already exists");

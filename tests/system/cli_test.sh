@@ -597,6 +597,26 @@ case_image() {
   restore_equals_ref "$i2" i2
   log "ok: incremental $i2 read $read2 bytes, exact"
 
+  # 2b. Image mount (file-level restore) and NBD export (issue 6) of image 2.
+  umbra image mount "${i2:0:8}" "$work/imnt" --repo "$repo" >/dev/null || fail "image mount"
+  diff -r "$work/imnt/data" "$work/ref-i2-files/data" >/dev/null || { umbra image unmount "$work/imnt"; fail "files in the mounted image differ from the instant"; }
+  umbra image unmount "$work/imnt" >/dev/null || fail "image unmount"
+  mountpoint -q "$work/imnt" 2>/dev/null && fail "image unmount left the mount"
+  if command -v nbdinfo >/dev/null && command -v qemu-img >/dev/null; then
+    local uri holes
+    uri=$(umbra -q image export "$i2" --repo "$repo") || fail "image export"
+    nbdinfo --list "nbd+unix:///?socket=$work/nbd.sock" | grep -q "export=\"image-$i2\"" || fail "nbdinfo --list does not show image-$i2"
+    nbdinfo "$uri" | grep -q "is_read_only: true" || fail "image export is not read-only"
+    qemu-img convert -f raw -O qcow2 "$uri" "$work/i2.qcow2" || fail "qemu-img convert of the image export"
+    qemu-img compare -f qcow2 -F raw "$work/i2.qcow2" "$work/ref-i2.img" >/dev/null || fail "qemu-img compare: image export differs from the reference"
+    holes=$(holes_are_zero "$uri" "$work/ref-i2.img")
+    ((holes > 64 * 1024 * 1024)) || fail "image export maps only $holes bytes of holes"
+    umbra image unexport "$i2" >/dev/null || fail "image unexport"
+    nbdinfo "$uri" >/dev/null 2>&1 && fail "unexported image still served"
+    rm -f "$work/i2.qcow2"
+    log "ok: image mount files equal; image export: qemu-img compare identical, $holes bytes of holes"
+  fi
+
   # 3. Tracking survives kill -9 umbrad between two images.
   stop_load
   kill -KILL "$daemon_pid"; wait "$daemon_pid" 2>/dev/null; daemon_pid=""
