@@ -57,11 +57,12 @@ std::string DetectFilesystem(std::span<const std::byte> head);
 using Progress = std::function<void(uint64_t done, uint64_t total)>;
 
 struct CreateOptions {
-  // Incremental: chunks outside `changed` are taken from `base` (if still
-  // present in the repository) without reading them.
+  // Incremental: chunks outside `changed` are taken from `base` without
+  // reading them (`base` must be a manifest of this repository, read under
+  // the shared lock, so its chunks are there).
   const repo::Manifest* base = nullptr;
   std::vector<Range> changed;
-  int threads = 0;  // 0: one per CPU, at least 2
+  int threads = 0;  // 0: two per CPU, at least 4
   Progress progress;
 };
 

@@ -725,10 +725,10 @@ void AddImageCommands(CLI::App& root, Context& ctx, Registry& reg) {
     c->add_flag("--offline", a->offline, "Image an unmounted device or file, no snapshot");
     c->add_flag("--encrypt", a->encrypt, "When creating the repository: encrypt it");
     c->add_option("--chunk-size", a->chunk_size,
-                  "When creating the repository: chunk size (default 1M)")
+                  "When creating the repository: chunk size (default 256K)")
         ->type_name("SIZE");
     c->add_option("--compression", a->level, "zstd level 1-19 (default 3)")->type_name("N");
-    c->add_option("--threads", a->threads, "Worker threads (default: one per CPU, at least 2)")
+    c->add_option("--threads", a->threads, "Worker threads (default: two per CPU, at least 4)")
         ->type_name("N");
     reg.Add(c, [&ctx, a] { return Create(ctx, *a); });
   }
@@ -863,7 +863,7 @@ void AddImageCommands(CLI::App& root, Context& ctx, Registry& reg) {
         {"umbra repo init /backup/umbra", "UMBRA_PASSPHRASE=... umbra repo init /backup/secret --encrypt"});
     c->add_option("DIR", a->repo, "Repository directory")->type_name("");
     c->add_flag("--encrypt", a->encrypt, "Encrypt the repository");
-    c->add_option("--chunk-size", a->chunk_size, "Chunk size, 64K to 16M (default 1M)")
+    c->add_option("--chunk-size", a->chunk_size, "Chunk size, 64K to 16M (default 256K)")
         ->type_name("SIZE");
     c->add_option("--passphrase-file", a->passphrase_file, "Read the passphrase from FILE")
         ->type_name("FILE");

@@ -66,23 +66,27 @@ class Daemon::NbdVolumeExport final : public nbd::Export {
 };
 
 // A snapshot, read-only. base:allocation comes from the snapshot's
-// allocated extents (chunks not free at the instant), read once at open: a
-// snapshot never changes.
+// allocated extents (chunks not free at the instant), read at the first
+// block-status request (readers that never ask, like image create's
+// workers, do not pay for it) and kept: a snapshot never changes.
 class Daemon::NbdSnapshotExport final : public nbd::Export {
  public:
-  NbdSnapshotExport(Daemon* d, std::string volume, std::string id, std::unique_ptr<BlockDevice> dev,
-                    std::vector<Extent> allocated)
-      : d_(d),
-        volume_(std::move(volume)),
-        id_(std::move(id)),
-        dev_(std::move(dev)),
-        allocated_(std::move(allocated)) {}
+  NbdSnapshotExport(Daemon* d, std::string volume, std::string id, VolumeHolder* holder,
+                    std::unique_ptr<BlockDevice> dev)
+      : d_(d), volume_(std::move(volume)), id_(std::move(id)), holder_(holder), dev_(std::move(dev)) {}
   ~NbdSnapshotExport() override { d_->NbdRelease(volume_); }
   BlockDevice& device() override { return *dev_; }
   std::string description() const override {
     return "Umbra snapshot " + id_ + " of volume " + volume_ + " (read-only)";
   }
   Status Allocation(uint64_t off, uint64_t len, std::vector<nbd::AllocationRun>* out) override {
+    std::lock_guard l(mu_);
+    if (!loaded_) {
+      std::shared_lock h(holder_->mu);
+      if (!holder_->volume) return Status(Code::kIOError, "volume is closed", EIO);
+      UMBRA_ASSIGN_OR_RETURN(allocated_, holder_->volume->SnapshotExtents(id_));
+      loaded_ = true;
+    }
     RunsFrom(allocated_, off, len, out);
     return Status::Ok();
   }
@@ -91,8 +95,11 @@ class Daemon::NbdSnapshotExport final : public nbd::Export {
   Daemon* const d_;
   const std::string volume_;
   const std::string id_;
+  VolumeHolder* const holder_;  // outlives us: the volume cannot go while nbd_clients > 0
   const std::unique_ptr<BlockDevice> dev_;
-  const std::vector<Extent> allocated_;
+  std::mutex mu_;
+  bool loaded_ = false;
+  std::vector<Extent> allocated_;
 };
 
 // An image of a repository, read-only, served straight from its chunks.
@@ -142,11 +149,9 @@ Result<std::unique_ptr<nbd::Export>> Daemon::NbdOpen(const std::string& name) {
     const std::string id = name.substr(std::char_traits<char>::length(kNbdSnapshotPrefix));
     SnapshotInfo info;
     UMBRA_ASSIGN_OR_RETURN(VolumeEntry * v, FindSnapshot(id, &info));
-    UMBRA_ASSIGN_OR_RETURN(std::vector<Extent> allocated, v->holder->volume->SnapshotExtents(id));
     ++v->nbd_clients;
     return std::unique_ptr<nbd::Export>(std::make_unique<NbdSnapshotExport>(
-        this, v->rec.name, id, SnapshotDevice(v->holder.get(), v->rec.size, id),
-        std::move(allocated)));
+        this, v->rec.name, id, v->holder.get(), SnapshotDevice(v->holder.get(), v->rec.size, id)));
   }
   if (name.rfind(kNbdImagePrefix, 0) == 0) {
     auto it = images_.find(name.substr(std::char_traits<char>::length(kNbdImagePrefix)));

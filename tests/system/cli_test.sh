@@ -646,12 +646,12 @@ case_image() {
   # 5. Delta restore onto a stale copy writes only the changed chunks.
   cp "$work/ref-i2.img" "$work/stale.img"
   local expect delta_json
-  expect=$(python3 - "$work/ref-i2.img" "$work/ref-i3.img" <<'PY'
+  expect=$(python3 - "$work/ref-i2.img" "$work/ref-i3.img" "$(jq_field '["chunk_size"]' <"$work/img-i3.json")" <<'PY'
 import sys
-a, b = open(sys.argv[1], "rb"), open(sys.argv[2], "rb")
+a, b, cs = open(sys.argv[1], "rb"), open(sys.argv[2], "rb"), int(sys.argv[3])
 n = 0
 while True:
-    x, y = a.read(1 << 20), b.read(1 << 20)
+    x, y = a.read(cs), b.read(cs)
     if not x and not y: break
     n += x != y
 print(n)
