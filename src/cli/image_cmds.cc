@@ -45,6 +45,7 @@ struct ImageArgs {
   std::string to;
   bool delta = false;
   bool dry_run = false;
+  bool repair = false;
   imaging::PrunePolicy keep;
 };
 
@@ -453,14 +454,26 @@ int VerifyCmd(Context& ctx, const ImageArgs& a) {
   bar.Done();
   if (!rep.ok()) return FailStatus(ctx, rep.status());
   Json dmg = Json::array();
-  for (const auto& d : rep->damage)
-    dmg.push_back(Json{{"what", d.what}, {"error", d.error}, {"images", d.images}});
+  uint64_t removed = 0;
+  for (const auto& d : rep->damage) {
+    bool gone = false;
+    // --repair: a damaged chunk object is removed, so the next image create
+    // of a volume that still holds those bytes stores them again (rule 3.4
+    // keeps existing objects otherwise).
+    repo::ChunkId cid;
+    if (a.repair && d.what.rfind("chunk ", 0) == 0 && repo::ParseChunkId(d.what.substr(6), cid) &&
+        d.error.find("missing") == std::string::npos)
+      gone = (*r)->RemoveChunk(cid).ok();
+    removed += gone;
+    dmg.push_back(Json{{"what", d.what}, {"error", d.error}, {"images", d.images}, {"removed", gone}});
+  }
   if (ctx.opt.json) {
     ctx.PrintJson(Json{{"images", rep->images},
                        {"chunks", rep->chunks},
                        {"bytes", rep->bytes},
                        {"seconds", rep->seconds},
                        {"ok", rep->damage.empty()},
+                       {"removed", removed},
                        {"damage", dmg}});
   } else {
     for (const auto& d : rep->damage) {
@@ -469,6 +482,10 @@ int VerifyCmd(Context& ctx, const ImageArgs& a) {
       std::cout << "DAMAGED " << d.what << ": " << d.error << "\n  affects images: " << imgs
                 << "\n";
     }
+    if (removed > 0)
+      std::cout << "removed " << removed
+                << " damaged chunks; the next image create of a volume that still holds their "
+                   "data stores them again\n";
     std::cout << (rep->damage.empty() ? "ok: " : "FAILED: ") << rep->images << " images, "
               << rep->chunks << " chunks (" << FormatBytes(rep->bytes) << ") checked"
               << (rep->damage.empty() ? "" : ", " + std::to_string(rep->damage.size()) +
@@ -747,9 +764,11 @@ void AddImageCommands(CLI::App& root, Context& ctx, Registry& reg) {
         g, "verify", "Re-read and re-hash every chunk of the images",
         "Reads every chunk the images use (all images without ID), decrypts, decompresses and\n"
         "re-hashes it. Each damaged or missing chunk is reported with the images it affects.\n"
-        "Exit status 1 if anything is damaged.",
+        "Exit status 1 if anything is damaged. --repair removes damaged chunk objects, so that\n"
+        "the next image create of a volume still holding their data stores them again.",
         {"umbra image verify --repo /backup/umbra", "umbra image verify 6740a1b2 --repo /backup/umbra"});
     c->add_option("ID", a->ids, "Image ids (or unique prefixes); default all")->type_name("");
+    c->add_flag("--repair", a->repair, "Remove damaged chunk objects (see above)");
     RepoOptions(c, a.get());
     c->add_option("--threads", a->threads, "Worker threads")->type_name("N");
     reg.Add(c, [&ctx, a] { return VerifyCmd(ctx, *a); });

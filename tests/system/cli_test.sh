@@ -682,7 +682,10 @@ PY
   grep -q "$(basename "$victim")" <<<"$vout" || fail "verify did not name the chunk: $vout"
   grep -q "$i2\|$i3" <<<"$vout" || fail "verify did not name the images: $vout"
   log "ok: verify -> $(grep -c DAMAGED <<<"$vout") damaged chunk(s), images named"
-  rm -f "$victim"
+  umbra image verify --repair --repo "$repo" >/dev/null 2>&1 && fail "verify --repair reported no damage"
+  [[ -e $victim ]] && fail "verify --repair left the damaged chunk"
+  vout=$(umbra image verify --repo "$repo" 2>&1) && fail "verify after repair passed"
+  grep -q "missing" <<<"$vout" || fail "verify after repair does not report the chunk missing: $vout"
 
   # 7. An interrupted image create leaves the repository consistent; the rerun reuses.
   local repo2=$work/repo2
