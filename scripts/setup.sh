@@ -16,7 +16,7 @@ PACKAGES=(
   fio e2fsprogs xfsprogs util-linux procps
   libfuse3-dev fuse3
   libnbd-bin libnbd-dev nbdfuse qemu-utils clang
-  libzstd-dev zstd libssl-dev partclone sqlite3
+  libzstd-dev zstd libssl-dev libext2fs-dev partclone sqlite3 time
   python3
 )
 

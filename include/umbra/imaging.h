@@ -39,14 +39,18 @@ class Source {
   // Ranges that may hold data, merged and in order; the rest reads as zeros.
   virtual Result<std::vector<Range>> Allocated() = 0;
   virtual Result<std::unique_ptr<Reader>> NewReader() = 0;
+  // After Allocated(): how the allocation was found, for the summary ("" if
+  // nothing worth saying).
+  virtual std::string allocation_note() const { return ""; }
 };
 
 // An NBD export (docs/protocol/nbd.md) on a Unix socket, read with libnbd.
 // Allocation comes from base:allocation (holes are skipped).
 Result<std::unique_ptr<Source>> OpenNbdSource(const std::string& socket,
                                               const std::string& export_name);
-// A block device or file, read with pread. Allocation: SEEK_DATA/SEEK_HOLE
-// for files, everything for devices.
+// A block device or file, read with pread. Allocation: the block bitmap of
+// a cleanly unmounted ext2/3/4 filesystem (libext2fs); otherwise
+// SEEK_DATA/SEEK_HOLE for files and everything for devices.
 Result<std::unique_ptr<Source>> OpenFileSource(const std::string& path);
 
 // "ext4", "xfs", "btrfs", "vfat", "swap" or "" from a volume's first bytes

@@ -271,6 +271,7 @@ void PrintCreated(Context& ctx, const repo::Manifest& m, const std::string& note
             << "  stored  " << FormatBytes(s.stored_bytes) << "\n"
             << "  time    " << std::fixed << std::setprecision(1) << s.seconds << " s ("
             << Rate(m.size, s.seconds) << ")\n";
+  if (!note.empty()) std::cout << "  note    " << note << "\n";
 }
 
 int Create(Context& ctx, const ImageArgs& a) {
@@ -351,7 +352,6 @@ int Create(Context& ctx, const ImageArgs& a) {
       } else if (cr.code == "not_found") {
         note = "change tracking was reset since image " + base->id + " (" + cr.message +
                "): full read";
-        ctx.Warn(note);
         base.reset();
       } else {
         return ctx.Fail(cr);
@@ -385,12 +385,13 @@ int Create(Context& ctx, const ImageArgs& a) {
   Status s = imaging::BuildImage(rp, *src, co, &m);
   bar.Done();
   if (!s.ok()) return FailStatus(ctx, s.Annotate("image create"));
+  if (std::string an = src->allocation_note(); !an.empty())
+    note = note.empty() ? an : note + "; " + an;
   if (Status p = rp.PutManifest(m); !p.ok()) return FailStatus(ctx, p);
   if (!snap_id.empty()) {
     Reply d = ctx.Call("snapshot.delete", Json{{"id", snap_id}});
     if (!d.ok) ctx.Warn("could not release snapshot " + snap_id + ": " + d.message);
   }
-  if (!note.empty() && !ctx.opt.json && note.rfind("change tracking", 0) != 0) ctx.Warn(note);
   PrintCreated(ctx, m, note);
   return kExitOk;
 }

@@ -46,7 +46,8 @@ class ImageDeviceImpl final : public BlockDevice {
   Status WriteZeroes(uint64_t, uint64_t) override { return ReadOnly(); }
 
  private:
-  static Status ReadOnly() { return Status(Code::kPermissionDenied, "images are read-only", EROFS); }
+  // BlockDevice contract: ToErrno() is EROFS (kPermissionDenied would map to EACCES).
+  static Status ReadOnly() { return Status::FromErrno(EROFS, "images are read-only"); }
 
   // Decoded chunks, most recently used first; a few dozen at most.
   Result<std::shared_ptr<const std::vector<std::byte>>> Chunk(uint64_t c) {

@@ -9,6 +9,7 @@
 #include <cerrno>
 #include <cstring>
 
+#include "imaging/ext4_bitmap.h"
 #include "umbra/imaging.h"
 
 namespace umbra::imaging {
@@ -153,8 +154,16 @@ class FileSource final : public Source {
       : path_(std::move(path)), size_(size), regular_(regular) {}
   uint64_t size() const override { return size_; }
 
+  std::string allocation_note() const override { return note_; }
+
   Result<std::vector<Range>> Allocated() override {
     std::vector<Range> out;
+    std::string why;
+    if (auto ext = Ext4Allocated(path_, size_, &why)) {
+      note_ = "free blocks skipped (ext4 block bitmap)";
+      return *ext;
+    }
+    if (why.rfind("no ext2", 0) != 0) note_ = "ext4 bitmap not used: " + why + "; reading everything";
     if (!regular_) {
       if (size_) out.push_back({0, size_});
       return out;
@@ -184,6 +193,7 @@ class FileSource final : public Source {
   std::string path_;
   uint64_t size_;
   bool regular_;
+  std::string note_;
 };
 
 }  // namespace

@@ -710,6 +710,19 @@ PY
   ((reused >= partial)) || fail "rerun reused $reused chunks, $partial were stored before the kill"
   umbra image verify --repo "$repo2" >/dev/null || fail "verify after rerun"
   log "ok: interrupted create: $partial chunks kept, rerun reused $reused"
+  # repo gc next to a running image create: the chunks the create has stored
+  # but not yet referenced (no manifest yet) must survive.
+  head -c $((24 * 1024 * 1024)) /dev/urandom >"$mnt/data/gc.bin"; sync
+  umbra --json image create v --repo "$repo2" --threads 1 >"$work/conc.json" 2>&1 &
+  cpid=$!
+  for _ in $(seq 200); do
+    (( $(find "$repo2/chunks" -type f | wc -l) > partial + 10 )) && break
+    sleep 0.02
+  done
+  umbra repo gc --repo "$repo2" >/dev/null || fail "repo gc next to image create"
+  wait $cpid || fail "image create next to repo gc: $(cat "$work/conc.json")"
+  umbra image verify --repo "$repo2" >/dev/null || fail "repo gc removed chunks of a concurrent image create"
+  log "ok: repo gc waited for a concurrent image create; repository verifies"
 
   # 8. Encrypted repository.
   repo=$work/repo-enc
@@ -721,6 +734,25 @@ PY
   out=$(UMBRA_PASSPHRASE=wrong umbra image list --repo "$repo" 2>&1) && fail "wrong passphrase accepted"
   grep -qi "wrong passphrase" <<<"$out" || fail "wrong passphrase message unclear: $out"
   log "ok: encrypted repository round trip; wrong passphrase -> $out"
+
+  # 8b. Offline image of an unmounted ext4 file: the block bitmap skips free space.
+  repo=$work/repo
+  truncate -s 128M "$work/offline.img"
+  mkfs.ext4 -q "$work/offline.img" || fail "mkfs offline"
+  mkdir -p "$work/omnt" && mount -o loop "$work/offline.img" "$work/omnt" && mounts+=("$work/omnt") || fail "mount offline"
+  head -c $((20 * 1024 * 1024)) /dev/urandom >"$work/omnt/r.bin"
+  umount "$work/omnt"
+  umbra --json image create "$work/offline.img" --offline --repo "$repo" >"$work/off.json" || fail "offline image create"
+  grep -q "ext4 block bitmap" "$work/off.json" || fail "offline image did not use the ext4 bitmap: $(cat "$work/off.json")"
+  (( $(jq_field '["stats"]["read"]' <"$work/off.json") < 64 * 1024 * 1024 )) || fail "offline image read free space"
+  restore_id=$(jq_field '["id"]' <"$work/off.json")
+  rm -f "$work/restored.img"
+  umbra image restore "$restore_id" --repo "$repo" --to "$work/restored.img" >/dev/null || fail "restore offline image"
+  e2fsck -fn "$work/restored.img" >/dev/null 2>&1 || fail "restored offline image fails fsck"
+  mount -o ro,loop "$work/restored.img" "$work/omnt" || fail "mount restored offline image"
+  cmp "$work/omnt/r.bin" <(mount -o ro,loop "$work/offline.img" "$work/rmnt" && cat "$work/rmnt/r.bin"; umount "$work/rmnt") || fail "offline image file differs"
+  umount "$work/omnt"
+  log "ok: offline ext4 image read $(jq_field '["stats"]["read"]' <"$work/off.json") of 134217728 bytes, restores with the same files"
 
   # 9. Bad input: clear error, non-zero exit, nothing changed.
   repo=$work/repo
