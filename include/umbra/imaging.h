@@ -60,12 +60,39 @@ std::string DetectFilesystem(std::span<const std::byte> head);
 // Called now and then from worker threads with bytes done and total.
 using Progress = std::function<void(uint64_t done, uint64_t total)>;
 
+// Progress of an image create that can be resumed (docs/format/repository.md
+// section 2.5): for each chunk, done or not, and its id if done.
+struct Partial {
+  std::vector<repo::ChunkId> chunks;
+  std::vector<bool> done;
+};
+
+// A resume record (docs/format/repository.md section 2.5).
+struct ResumeRecord {
+  std::string volume_uuid;
+  uint64_t size = 0;
+  uint32_t chunk_size = 0;
+  std::string tracking_id;
+  uint64_t tracking_epoch = 0;
+  Partial partial;
+};
+std::string EncodeResume(const ResumeRecord& r);
+Result<ResumeRecord> DecodeResume(const std::string& json);
+
 struct CreateOptions {
   // Incremental: chunks outside `changed` are taken from `base` without
   // reading them (`base` must be a manifest of this repository, read under
   // the shared lock, so its chunks are there).
   const repo::Manifest* base = nullptr;
   std::vector<Range> changed;
+  // Resume: chunks done in `resume` and outside `resume_changed` are taken
+  // from it without reading (they are durable in the repository).
+  const Partial* resume = nullptr;
+  std::vector<Range> resume_changed;
+  // Called every `checkpoint_seconds` from a helper thread (and not after
+  // BuildImage returns) with the chunks done so far.
+  std::function<void(const Partial&)> checkpoint;
+  double checkpoint_seconds = 5;
   int threads = 0;  // 0: two per CPU, at least 4
   Progress progress;
 };

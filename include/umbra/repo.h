@@ -146,6 +146,14 @@ class Repository {
   virtual Result<Manifest> GetManifest(const std::string& image_id) = 0;
   virtual Result<std::vector<std::string>> ListImages() = 0;  // sorted = by creation time
   virtual Status DeleteImage(const std::string& image_id) = 0;
+  // Resume records (docs section 2.5): JSON text per volume, sealed like
+  // manifests. PutResume makes every stored chunk durable first (rule 3.7).
+  // GetResume: kNotFound if there is none.
+  virtual Status PutResume(const std::string& volume_uuid, const std::string& json) = 0;
+  virtual Result<std::string> GetResume(const std::string& volume_uuid) = 0;
+  virtual Status RemoveResume(const std::string& volume_uuid) = 0;
+  virtual Result<std::vector<std::string>> ListResume() = 0;  // volume uuids
+
   // A full id from a unique prefix (≥ 4 characters).
   virtual Result<std::string> ResolveImage(std::string_view prefix) = 0;
 };

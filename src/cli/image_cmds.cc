@@ -40,6 +40,7 @@ struct ImageArgs {
   bool encrypt = false;
   int level = 3;
   int threads = 0;
+  double checkpoint = 5;
   std::string chunk_size;
   std::vector<std::string> ids;
   std::string to;
@@ -277,6 +278,8 @@ void PrintCreated(Context& ctx, const repo::Manifest& m, const std::string& note
 int Create(Context& ctx, const ImageArgs& a) {
   if (RepoDir(a).empty()) return ctx.Usage("give the repository with --repo DIR or UMBRA_REPO");
   if (a.level < 1 || a.level > 19) return ctx.Usage("--compression must be 1..19");
+  if (!(a.checkpoint >= 0.1 && a.checkpoint <= 3600))
+    return ctx.Usage("--checkpoint-interval must be 0.1 to 3600 seconds");
   if (a.offline && a.incremental)
     return ctx.Usage("--incremental needs umbrad's change tracking; not with --offline");
   if (!a.offline) {
@@ -289,6 +292,8 @@ int Create(Context& ctx, const ImageArgs& a) {
   std::string snap_id;
   std::vector<imaging::Range> changed;
   std::optional<repo::Manifest> base;
+  std::optional<imaging::ResumeRecord> resume;
+  std::vector<imaging::Range> resume_changed;
 
   if (a.offline) {
     if (Status s = CheckOffline(a.volume); !s.ok()) return FailStatus(ctx, s);
@@ -357,6 +362,38 @@ int Create(Context& ctx, const ImageArgs& a) {
         return ctx.Fail(cr);
       }
     }
+    // An interrupted create of this volume left a resume record: take what
+    // it stored and what has not changed since (docs section 2.5).
+    if (!m.tracking_id.empty()) {
+      auto text = rp.GetResume(m.volume_uuid);
+      std::string why;
+      if (text.ok()) {
+        auto rec = imaging::DecodeResume(*text);
+        if (!rec.ok()) {
+          why = rec.status().message();
+        } else if (rec->tracking_id != m.tracking_id) {
+          why = "change tracking was reset since";
+        } else if (rec->chunk_size != rp.chunk_size()) {
+          why = "it used another chunk size";
+        } else {
+          Reply cr = ctx.Call("volume.changes", Json{{"volume", a.volume},
+                                                     {"tracking_id", rec->tracking_id},
+                                                     {"epoch", rec->tracking_epoch}});
+          if (cr.ok) {
+            for (const Json& e : Array(cr.result, "extents"))
+              resume_changed.push_back({e[0].get<uint64_t>(), e[1].get<uint64_t>()});
+            resume = std::move(*rec);
+          } else {
+            why = cr.message;
+          }
+        }
+      } else if (text.status().code() != Code::kNotFound) {
+        why = text.status().message();
+      }
+      if (!why.empty())
+        note = (note.empty() ? "" : note + "; ") +
+               "an interrupted create could not be resumed (" + why + "): starting over";
+    }
     Reply er = ctx.Call("snapshot.export", Json{{"id", snap_id}});
     if (!er.ok) return ctx.Fail(er);
     auto nsrc = imaging::OpenNbdSource(Text(er.result, "socket"), Text(er.result, "export"));
@@ -380,6 +417,28 @@ int Create(Context& ctx, const ImageArgs& a) {
     co.base = &*base;
     co.changed = std::move(changed);
   }
+  if (resume) {
+    co.resume = &resume->partial;
+    co.resume_changed = std::move(resume_changed);
+    uint64_t done = 0;
+    for (bool d : resume->partial.done) done += d;
+    std::string rn = "resumed an interrupted create (" + std::to_string(done) + " chunks done)";
+    note = note.empty() ? rn : note + "; " + rn;
+  }
+  if (!m.tracking_id.empty()) {
+    co.checkpoint_seconds = a.checkpoint;
+    co.checkpoint = [&](const imaging::Partial& p) {
+      imaging::ResumeRecord rec;
+      rec.volume_uuid = m.volume_uuid;
+      rec.size = src->size();
+      rec.chunk_size = rp.chunk_size();
+      rec.tracking_id = m.tracking_id;
+      rec.tracking_epoch = m.tracking_epoch;
+      rec.partial = p;
+      if (Status s = rp.PutResume(m.volume_uuid, imaging::EncodeResume(rec)); !s.ok())
+        ctx.Warn("could not save progress for a resume: " + s.message());
+    };
+  }
   ProgressBar bar(ctx, "imaging");
   co.progress = bar.fn();
   Status s = imaging::BuildImage(rp, *src, co, &m);
@@ -388,6 +447,7 @@ int Create(Context& ctx, const ImageArgs& a) {
   if (std::string an = src->allocation_note(); !an.empty())
     note = note.empty() ? an : note + "; " + an;
   if (Status p = rp.PutManifest(m); !p.ok()) return FailStatus(ctx, p);
+  if (!m.volume_uuid.empty()) rp.RemoveResume(m.volume_uuid).IgnoreError();
   if (!snap_id.empty()) {
     Reply d = ctx.Call("snapshot.delete", Json{{"id", snap_id}});
     if (!d.ok) ctx.Warn("could not release snapshot " + snap_id + ": " + d.message);
@@ -730,7 +790,10 @@ void AddImageCommands(CLI::App& root, Context& ctx, Registry& reg) {
         "the previous image of VOLUME; every image is still complete on its own. If tracking\n"
         "was reset (e.g. after a power loss) it says so and reads everything.\n\n"
         "--offline images a device or file directly, with no snapshot (rescue systems; umbrad\n"
-        "need not run); refused if it is mounted read-write.",
+        "need not run); refused if it is mounted read-write.\n\n"
+        "Progress is saved every --checkpoint-interval seconds; a create that is interrupted\n"
+        "(killed, crashed) resumes when rerun: chunks it stored and that have not changed since\n"
+        "are not read again.",
         {"umbra image create db --repo /backup/umbra",
          "umbra image create db --repo /backup/umbra --incremental",
          "umbra image create /dev/sdb1 --offline --repo /mnt/usb/repo"});
@@ -748,6 +811,9 @@ void AddImageCommands(CLI::App& root, Context& ctx, Registry& reg) {
     c->add_option("--compression", a->level, "zstd level 1-19 (default 3)")->type_name("N");
     c->add_option("--threads", a->threads, "Worker threads (default: two per CPU, at least 4)")
         ->type_name("N");
+    c->add_option("--checkpoint-interval", a->checkpoint,
+                  "Save progress for a resume every SECONDS (default 5)")
+        ->type_name("SECONDS");
     reg.Add(c, [&ctx, a] { return Create(ctx, *a); });
   }
   {

@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <condition_variable>
 #include <cstring>
 #include <ctime>
 #include <fstream>
@@ -19,6 +20,8 @@
 #include <thread>
 #include <unordered_map>
 #include <unordered_set>
+
+#include <nlohmann/json.hpp>
 
 #include "umbra/imaging.h"
 
@@ -135,21 +138,35 @@ Status BuildImage(repo::Repository& repo, Source& src, const CreateOptions& opts
   if (base != nullptr) m->base = base->id;
 
   UMBRA_ASSIGN_OR_RETURN(std::vector<Range> alloc, src.Allocated());
-  std::vector<bool> changed;
-  if (base != nullptr) {
-    changed.assign(n, false);
-    for (const Range& r : opts.changed) {
+  auto chunks_of = [&](const std::vector<Range>& ranges) {
+    std::vector<bool> out(n, false);
+    for (const Range& r : ranges) {
       if (r.length == 0 || r.offset >= m->size) continue;
       uint64_t last = std::min(m->size, r.offset + r.length) - 1;
-      for (uint64_t c = r.offset / cs; c <= last / cs; ++c) changed[c] = true;
+      for (uint64_t c = r.offset / cs; c <= last / cs; ++c) out[c] = true;
     }
-  }
+    return out;
+  };
+  std::vector<bool> changed;
+  if (base != nullptr) changed = chunks_of(opts.changed);
+  const Partial* resume = opts.resume;
+  if (resume != nullptr && (resume->chunks.size() != n || resume->done.size() != n))
+    resume = nullptr;
+  std::vector<bool> resume_changed;
+  if (resume != nullptr) resume_changed = chunks_of(opts.resume_changed);
+  // Chunks done: set (release) after m->chunks[i] is final, read (acquire)
+  // by the checkpoint thread before it reads m->chunks[i].
+  std::unique_ptr<std::atomic<uint8_t>[]> finished(new std::atomic<uint8_t>[n]);
+  for (uint64_t i = 0; i < n; ++i) finished[i].store(0, std::memory_order_relaxed);
 
   const int threads = Threads(opts.threads);
   std::vector<std::unique_ptr<Reader>> readers(threads);
   std::vector<std::vector<std::byte>> bufs(threads);
   std::atomic<uint64_t> read_bytes{0}, fresh{0}, reused{0}, zero{0}, stored{0}, done{0};
   std::mutex progress_mu;
+  std::mutex claim_mu;
+  std::unordered_set<ChunkId, IdHash> claimed;  // ids this image stores or found stored
+  std::unordered_set<ChunkId, IdHash> pending;  // claimed, PutChunk not finished yet
   auto init = [&](int w) -> Status {
     UMBRA_ASSIGN_OR_RETURN(readers[w], src.NewReader());
     bufs[w].resize(cs);
@@ -160,6 +177,7 @@ Status BuildImage(repo::Repository& repo, Source& src, const CreateOptions& opts
     thread_local std::vector<Range> parts;
     Overlap(alloc, off, len, &parts);
     auto finish = [&] {
+      finished[i].store(1, std::memory_order_release);
       uint64_t d = done.fetch_add(len) + len;
       if (opts.progress) {
         std::lock_guard l(progress_mu);
@@ -169,6 +187,12 @@ Status BuildImage(repo::Repository& repo, Source& src, const CreateOptions& opts
     };
     if (parts.empty()) {
       ++zero;
+      return finish();
+    }
+    if (resume != nullptr && resume->done[i] && !resume_changed[i]) {
+      // Stored and made durable by the interrupted create (rule 3.7).
+      m->chunks[i] = resume->chunks[i];
+      ++(m->chunks[i] == kZeroChunk ? zero : reused);
       return finish();
     }
     if (base != nullptr && !changed[i]) {
@@ -194,8 +218,23 @@ Status BuildImage(repo::Repository& repo, Source& src, const CreateOptions& opts
       return finish();
     }
     ChunkId id = repo.Hash(buf);
-    UMBRA_ASSIGN_OR_RETURN(uint64_t wrote, repo.PutChunk(id, buf));
     m->chunks[i] = id;
+    {
+      // A chunk another worker of this image already took (duplicate data)
+      // is not compressed and stored again, and counts as reused.
+      std::lock_guard l(claim_mu);
+      if (!claimed.insert(id).second) {
+        ++reused;
+        return finish();
+      }
+      pending.insert(id);
+    }
+    auto put = repo.PutChunk(id, buf);
+    {
+      std::lock_guard l(claim_mu);
+      pending.erase(id);
+    }
+    UMBRA_ASSIGN_OR_RETURN(uint64_t wrote, std::move(put));
     if (wrote > 0) {
       ++fresh;
       stored += wrote;
@@ -204,7 +243,43 @@ Status BuildImage(repo::Repository& repo, Source& src, const CreateOptions& opts
     }
     return finish();
   };
-  UMBRA_RETURN_IF_ERROR(Parallel(n, threads, init, work));
+  std::mutex cp_mu;
+  std::condition_variable cp_cv;
+  bool cp_stop = false;
+  std::thread cp;
+  if (opts.checkpoint) {
+    cp = std::thread([&] {
+      std::unique_lock l(cp_mu);
+      while (!cp_cv.wait_for(l, std::chrono::duration<double>(opts.checkpoint_seconds),
+                             [&] { return cp_stop; })) {
+        Partial p;
+        p.chunks.assign(n, kZeroChunk);
+        p.done.assign(n, false);
+        {
+          // A duplicate of a chunk still being stored is not done yet for a
+          // resume: its object may not exist (rule 3.7).
+          std::lock_guard cl(claim_mu);
+          for (uint64_t i = 0; i < n; ++i) {
+            if (finished[i].load(std::memory_order_acquire) == 0) continue;
+            if (m->chunks[i] != kZeroChunk && pending.count(m->chunks[i])) continue;
+            p.done[i] = true;
+            p.chunks[i] = m->chunks[i];
+          }
+        }
+        opts.checkpoint(p);
+      }
+    });
+  }
+  Status run = Parallel(n, threads, init, work);
+  if (cp.joinable()) {
+    {
+      std::lock_guard l(cp_mu);
+      cp_stop = true;
+    }
+    cp_cv.notify_all();
+    cp.join();
+  }
+  UMBRA_RETURN_IF_ERROR(run);
   m->stats.read_bytes = read_bytes;
   m->stats.new_chunks = fresh;
   m->stats.reused_chunks = reused;
@@ -381,9 +456,57 @@ Result<VerifyReport> Verify(repo::Repository& repo, const std::vector<std::strin
   return rep;
 }
 
+std::string EncodeResume(const ResumeRecord& r) {
+  nlohmann::json chunks = nlohmann::json::array();
+  for (size_t i = 0; i < r.partial.chunks.size(); ++i) {
+    if (!r.partial.done[i])
+      chunks.push_back(nullptr);
+    else if (r.partial.chunks[i] == kZeroChunk)
+      chunks.push_back(0);
+    else
+      chunks.push_back(repo::ChunkIdHex(r.partial.chunks[i]));
+  }
+  return nlohmann::json{{"format", "umbra-resume"},
+                        {"version", 1},
+                        {"volume_uuid", r.volume_uuid},
+                        {"size", r.size},
+                        {"chunk_size", r.chunk_size},
+                        {"tracking", {{"id", r.tracking_id}, {"epoch", r.tracking_epoch}}},
+                        {"chunks", chunks}}
+      .dump();
+}
+
+Result<ResumeRecord> DecodeResume(const std::string& text) {
+  auto j = nlohmann::json::parse(text, nullptr, false);
+  ResumeRecord r;
+  try {
+    if (!j.is_object() || j.at("format") != "umbra-resume" || j.at("version") != 1)
+      return Status::Corruption("not a version 1 resume record");
+    r.volume_uuid = j.at("volume_uuid").get<std::string>();
+    r.size = j.at("size").get<uint64_t>();
+    r.chunk_size = j.at("chunk_size").get<uint32_t>();
+    r.tracking_id = j.at("tracking").at("id").get<std::string>();
+    r.tracking_epoch = j.at("tracking").at("epoch").get<uint64_t>();
+    for (const auto& c : j.at("chunks")) {
+      ChunkId id = kZeroChunk;
+      bool done = !c.is_null();
+      if (c.is_string() && !repo::ParseChunkId(c.get<std::string>(), id))
+        return Status::Corruption("bad chunk id in resume record");
+      r.partial.chunks.push_back(id);
+      r.partial.done.push_back(done);
+    }
+  } catch (const std::exception& e) {
+    return Status::Corruption(std::string("malformed resume record: ") + e.what());
+  }
+  return r;
+}
+
 Result<GcReport> CollectGarbage(repo::Repository& repo) {
   UMBRA_ASSIGN_OR_RETURN(auto lock, repo.store().Lock(/*exclusive=*/true, /*wait=*/true));
   GcReport rep;
+  // Rule 3.7: no create runs now; interrupted ones start over after gc.
+  UMBRA_ASSIGN_OR_RETURN(auto resumes, repo.ListResume());
+  for (const std::string& v : resumes) UMBRA_RETURN_IF_ERROR(repo.RemoveResume(v));
   UMBRA_ASSIGN_OR_RETURN(auto ids, repo.ListImages());
   std::unordered_set<ChunkId, IdHash> live;
   for (const std::string& id : ids) {

@@ -348,6 +348,36 @@ class RepositoryImpl final : public Repository {
     return s;
   }
 
+  Status PutResume(const std::string& volume_uuid, const std::string& json) override {
+    UMBRA_RETURN_IF_ERROR(CheckKey(volume_uuid));
+    std::vector<std::byte> obj;
+    UMBRA_RETURN_IF_ERROR(Encode(AsBytes(json), "resume:" + volume_uuid, &obj));
+    UMBRA_RETURN_IF_ERROR(store_->SyncAll());  // rule 3.7: chunks first
+    return store_->Put("resume/" + volume_uuid, obj, /*sync=*/true);
+  }
+
+  Result<std::string> GetResume(const std::string& volume_uuid) override {
+    UMBRA_RETURN_IF_ERROR(CheckKey(volume_uuid));
+    std::vector<std::byte> obj, plain;
+    UMBRA_RETURN_IF_ERROR(store_->Get("resume/" + volume_uuid, &obj));
+    UMBRA_RETURN_IF_ERROR(
+        Decode(obj, "resume:" + volume_uuid, "resume record of " + volume_uuid, &plain));
+    return std::string(reinterpret_cast<const char*>(plain.data()), plain.size());
+  }
+
+  Status RemoveResume(const std::string& volume_uuid) override {
+    UMBRA_RETURN_IF_ERROR(CheckKey(volume_uuid));
+    Status s = store_->Remove("resume/" + volume_uuid);
+    return s.code() == Code::kNotFound ? Status::Ok() : s;
+  }
+
+  Result<std::vector<std::string>> ListResume() override {
+    UMBRA_ASSIGN_OR_RETURN(auto names, store_->List("resume"));
+    std::vector<std::string> out;
+    for (const auto& n : names) out.push_back(n.substr(n.rfind('/') + 1));
+    return out;
+  }
+
   Result<std::string> ResolveImage(std::string_view prefix) override {
     if (prefix.size() < 4)
       return Status::InvalidArgument("image id '" + std::string(prefix) +
@@ -366,6 +396,13 @@ class RepositoryImpl final : public Repository {
   }
 
  private:
+  static Status CheckKey(const std::string& key) {
+    if (key.empty() || key.size() > 64 ||
+        key.find_first_not_of("0123456789abcdefABCDEF-") != std::string::npos)
+      return Status::InvalidArgument("bad resume key '" + key + "'");
+    return Status::Ok();
+  }
+
   static std::string ChunkName(const ChunkId& id) {
     std::string h = ChunkIdHex(id);
     return "chunks/" + h.substr(0, 2) + "/" + h;

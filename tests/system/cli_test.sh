@@ -676,7 +676,7 @@ for d, _, fs in os.walk(os.path.join(sys.argv[1], "chunks")):
 print(best)
 PY
 )
-  printf '\xff' | dd of="$victim" bs=1 seek=2000 conv=notrunc status=none
+  python3 -c 'import sys; f = open(sys.argv[1], "r+b"); f.seek(2000); b = f.read(1); f.seek(2000); f.write(bytes([b[0] ^ 0xFF]))' "$victim"
   local vout
   vout=$(umbra image verify --repo "$repo" 2>&1) && fail "verify missed a flipped byte"
   grep -q "$(basename "$victim")" <<<"$vout" || fail "verify did not name the chunk: $vout"
@@ -691,25 +691,40 @@ PY
   local repo2=$work/repo2
   repo=$repo2
   head -c $((40 * 1024 * 1024)) /dev/urandom >"$mnt/data/big.bin"; sync
-  umbra --json image create v --repo "$repo2" --threads 1 >/dev/null 2>&1 &
+  # zstd -19 on one thread: slow enough to be killed half way.
+  # The binary itself, not the umbra() shell function: kill must hit umbra.
+  "$bin/umbra" --json image create v --repo "$repo2" --threads 1 --compression 19 --checkpoint-interval 0.2 >/dev/null 2>&1 &
   local cpid=$!
   for _ in $(seq 400); do
-    (( $(find "$repo2/chunks" -type f 2>/dev/null | wc -l) >= 20 )) && break
+    (( $(find "$repo2/chunks" -type f 2>/dev/null | wc -l) >= 20 )) && [[ -n $(ls "$repo2/resume" 2>/dev/null) ]] && break
     sleep 0.05
   done
   kill -KILL $cpid; wait $cpid 2>/dev/null
   local partial
   partial=$(find "$repo2/chunks" -type f | wc -l)
   ((partial >= 20)) || fail "interrupted create stored only $partial chunks before the kill"
+  resume_before=$(ls "$repo2/resume" 2>&1)
   umbra image verify --repo "$repo2" >/dev/null || fail "repository does not verify after an interrupted create"
   for _ in $(seq 50); do umbra --json snapshot list v | grep -q '"name": "image-' || break; sleep 0.1; done
   umbra --json snapshot list v | grep -q '"name": "image-' && fail "killed image create left its snapshot"
   umbra --json image create v --repo "$repo2" >"$work/rerun.json" || fail "rerun"
-  local reused
+  local reused rread full_read
   reused=$(jq_field '["stats"]["reused"]' <"$work/rerun.json")
+  rread=$(jq_field '["stats"]["read"]' <"$work/rerun.json")
   ((reused >= partial)) || fail "rerun reused $reused chunks, $partial were stored before the kill"
+  grep -q "resumed an interrupted create" "$work/rerun.json" || fail "rerun did not resume (resume records before: $resume_before): $(tr -d "\n" <"$work/rerun.json")"
+  [[ -z $(ls "$repo2/resume") ]] || fail "resume record left after a finished create"
   umbra image verify --repo "$repo2" >/dev/null || fail "verify after rerun"
-  log "ok: interrupted create: $partial chunks kept, rerun reused $reused"
+  # The resumed image is exact: it restores to the same bytes as a fresh full
+  # image of the same (unchanged) data, which reads more.
+  umbra --json image create v --repo "$repo2" >"$work/full2.json" || fail "second full image"
+  full_read=$(jq_field '["stats"]["read"]' <"$work/full2.json")
+  ((rread < full_read)) || fail "resumed create read $rread bytes, a full one $full_read: nothing was skipped"
+  umbra image restore "$(jq_field '["id"]' <"$work/rerun.json")" --repo "$repo2" --to "$work/resumed.img" >/dev/null || fail "restore resumed"
+  umbra image restore "$(jq_field '["id"]' <"$work/full2.json")" --repo "$repo2" --to "$work/full2.img" >/dev/null || fail "restore full2"
+  cmp "$work/resumed.img" "$work/full2.img" || fail "the resumed image differs from a full image of the same data"
+  rm -f "$work/resumed.img" "$work/full2.img"
+  log "ok: interrupted create: $partial chunks kept; rerun resumed, read $rread of $full_read bytes, reused $reused"
   # repo gc next to a running image create: the chunks the create has stored
   # but not yet referenced (no manifest yet) must survive.
   head -c $((24 * 1024 * 1024)) /dev/urandom >"$mnt/data/gc.bin"; sync
