@@ -410,10 +410,13 @@ class RepositoryImpl final : public Repository {
 
   Status Encode(std::span<const std::byte> plain, const std::string& aad,
                 std::vector<std::byte>* obj) const {
-    thread_local ZSTD_CCtx* cctx = ZSTD_createCCtx();
+    // One context per thread, freed with the thread.
+    thread_local std::unique_ptr<ZSTD_CCtx, size_t (*)(ZSTD_CCtx*)> cctx(ZSTD_createCCtx(),
+                                                                           ZSTD_freeCCtx);
     thread_local std::vector<std::byte> z;
     z.resize(ZSTD_compressBound(plain.size()));
-    size_t zn = ZSTD_compressCCtx(cctx, z.data(), z.size(), plain.data(), plain.size(), level_);
+    size_t zn =
+        ZSTD_compressCCtx(cctx.get(), z.data(), z.size(), plain.data(), plain.size(), level_);
     uint8_t codec = kCodecZstd;
     std::span<const std::byte> payload(z.data(), ZSTD_isError(zn) ? 0 : zn);
     if (ZSTD_isError(zn) || zn >= plain.size()) {
@@ -470,8 +473,9 @@ class RepositoryImpl final : public Repository {
       std::memcpy(plain->data(), payload.data(), pn);
       return Status::Ok();
     }
-    thread_local ZSTD_DCtx* dctx = ZSTD_createDCtx();
-    size_t n = ZSTD_decompressDCtx(dctx, plain->data(), pn, payload.data(), payload.size());
+    thread_local std::unique_ptr<ZSTD_DCtx, size_t (*)(ZSTD_DCtx*)> dctx(ZSTD_createDCtx(),
+                                                                           ZSTD_freeDCtx);
+    size_t n = ZSTD_decompressDCtx(dctx.get(), plain->data(), pn, payload.data(), payload.size());
     if (ZSTD_isError(n) || n != pn) return bad("does not decompress");
     return Status::Ok();
   }

@@ -860,7 +860,8 @@ TEST_F(ImagingTest, ImageDeviceReadsLikeTheSource) {
     Bytes got(len, std::byte{0xCC});
     Status s = dev->Read(off, got);
     ASSERT_TRUE(s.ok()) << "read " << off << "+" << len << ": " << s.ToString();
-    ASSERT_EQ(0, std::memcmp(got.data(), want.data() + off, len)) << "read " << off << "+" << len;
+    ASSERT_TRUE(std::equal(got.begin(), got.end(), want.begin() + static_cast<std::ptrdiff_t>(off)))
+        << "read " << off << "+" << len;
   };
   read_eq(0, l.size);
   read_eq(kChunk - 1, 2);                // across a boundary
