@@ -1029,39 +1029,69 @@ Status VolumeImpl::ReadSnapshot(const std::string& id, uint64_t off, std::span<s
     reader = s->read_mu;
     seq = s->info.seq;
   }
+  // Batches of consecutive chunks: their stripes are taken shared in
+  // increasing stripe order (a batch never wraps the stripe index, so this is
+  // the order writers use), then read_mu, then one meta_mu_ lookup for the
+  // batch; runs of chunks read from the origin become one read.
+  constexpr uint64_t kBatch = 64;
+  enum Src : uint8_t { kZero, kSlot, kOrigin };
+  std::array<Src, kBatch> srcs;
+  std::array<uint64_t, kBatch> slots;
   size_t pos = 0;
   while (pos < buf.size()) {
-    uint64_t c = ChunkOf(off + pos);
-    uint64_t cstart = c << shift_;
-    size_t n = std::min<uint64_t>(buf.size() - pos, cstart + cfg_.chunk_size - (off + pos));
-    auto part = buf.subspan(pos, n);
-    std::shared_lock stripe(Stripe(c));
+    const uint64_t c0 = ChunkOf(off + pos);
+    const uint64_t clast = ChunkOf(off + buf.size() - 1);
+    const uint64_t stripe0 = c0 % stripes_.size();
+    const uint64_t nc = std::min({kBatch, clast - c0 + 1, stripes_.size() - stripe0});
+    for (uint64_t i = 0; i < nc; ++i) stripes_[stripe0 + i].lock_shared();
+    struct Unlock {
+      VolumeImpl* v;
+      uint64_t first, count;
+      ~Unlock() {
+        for (uint64_t i = count; i-- > 0;) v->stripes_[first + i].unlock_shared();
+      }
+    } unlock{this, stripe0, nc};
     std::shared_lock rl(*reader);
-    enum { kZero, kSlot, kOrigin } src;
-    uint64_t slot = 0;
     {
       std::lock_guard l(meta_mu_);
       auto it = state_.snaps().find(seq);
       if (it == state_.snaps().end()) return Status::NotFound("snapshot " + id + " was deleted");
       if (!it->second.info.valid) return InvalidStatus(it->second.info);
-      auto e = state_.Lookup(c, seq);
-      if (e) {
-        src = e->slot == kZeroSlot ? kZero : kSlot;
-        slot = e->slot;
-      } else {
-        src = state_.free_at_newest().Test(c) ? kZero : kOrigin;
+      for (uint64_t i = 0; i < nc; ++i) {
+        auto e = state_.Lookup(c0 + i, seq);
+        if (e) {
+          srcs[i] = e->slot == kZeroSlot ? kZero : kSlot;
+          slots[i] = e->slot;
+        } else {
+          srcs[i] = state_.free_at_newest().Test(c0 + i) ? kZero : kOrigin;
+        }
       }
     }
-    uint64_t in_chunk = off + pos - cstart;
-    if (src == kZero) {
-      std::memset(part.data(), 0, part.size());
-    } else if (src == kSlot) {
-      UMBRA_RETURN_IF_ERROR(data_->ReadAt(slot * cfg_.chunk_size + in_chunk, part)
-                                .Annotate("reading shadow storage"));
-    } else {
-      UMBRA_RETURN_IF_ERROR(OriginRead(off + pos, part));
+    for (uint64_t i = 0; i < nc;) {
+      const uint64_t c = c0 + i;
+      const uint64_t cstart = c << shift_;
+      const uint64_t from = off + pos;  // == cstart except in the first chunk
+      if (srcs[i] == kOrigin) {
+        // The longest run of origin chunks in this batch, read in one call.
+        uint64_t j = i + 1;
+        while (j < nc && srcs[j] == kOrigin) ++j;
+        const uint64_t run_end = std::min<uint64_t>((c0 + j) << shift_, off + buf.size());
+        UMBRA_RETURN_IF_ERROR(OriginRead(from, buf.subspan(pos, run_end - from)));
+        pos += run_end - from;
+        i = j;
+        continue;
+      }
+      const uint64_t n = std::min<uint64_t>(off + buf.size(), cstart + cfg_.chunk_size) - from;
+      auto part = buf.subspan(pos, n);
+      if (srcs[i] == kZero) {
+        std::memset(part.data(), 0, part.size());
+      } else {
+        UMBRA_RETURN_IF_ERROR(data_->ReadAt(slots[i] * cfg_.chunk_size + (from - cstart), part)
+                                  .Annotate("reading shadow storage"));
+      }
+      pos += n;
+      ++i;
     }
-    pos += n;
   }
   return Status::Ok();
 }

@@ -6,6 +6,7 @@
 #include <zstd.h>
 
 #include <algorithm>
+#include <array>
 #include <chrono>
 #include <cstring>
 #include <filesystem>
@@ -408,20 +409,36 @@ class RepositoryImpl final : public Repository {
     return "chunks/" + h.substr(0, 2) + "/" + h;
   }
 
+  // Random or already compressed data (media, archives, encrypted files)
+  // costs zstd a full pass to find it cannot be compressed. Three 4 KiB
+  // samples at level 1 decide first: if none shrinks by 3%, store raw.
+  static bool LooksIncompressible(ZSTD_CCtx* cctx, std::span<const std::byte> plain) {
+    constexpr size_t kSample = 4096;
+    if (plain.size() < 16 * kSample) return false;
+    std::array<std::byte, ZSTD_COMPRESSBOUND(kSample)> out;
+    for (size_t at : {size_t{0}, plain.size() / 2, plain.size() - kSample}) {
+      size_t n = ZSTD_compressCCtx(cctx, out.data(), out.size(), plain.data() + at, kSample, 1);
+      if (ZSTD_isError(n) || n < kSample * 97 / 100) return false;
+    }
+    return true;
+  }
+
   Status Encode(std::span<const std::byte> plain, const std::string& aad,
                 std::vector<std::byte>* obj) const {
     // One context per thread, freed with the thread.
     thread_local std::unique_ptr<ZSTD_CCtx, size_t (*)(ZSTD_CCtx*)> cctx(ZSTD_createCCtx(),
                                                                            ZSTD_freeCCtx);
     thread_local std::vector<std::byte> z;
-    z.resize(ZSTD_compressBound(plain.size()));
-    size_t zn =
-        ZSTD_compressCCtx(cctx.get(), z.data(), z.size(), plain.data(), plain.size(), level_);
-    uint8_t codec = kCodecZstd;
-    std::span<const std::byte> payload(z.data(), ZSTD_isError(zn) ? 0 : zn);
-    if (ZSTD_isError(zn) || zn >= plain.size()) {
-      codec = kCodecRaw;
-      payload = plain;
+    uint8_t codec = kCodecRaw;
+    std::span<const std::byte> payload = plain;
+    if (!LooksIncompressible(cctx.get(), plain)) {
+      z.resize(ZSTD_compressBound(plain.size()));
+      size_t zn =
+          ZSTD_compressCCtx(cctx.get(), z.data(), z.size(), plain.data(), plain.size(), level_);
+      if (!ZSTD_isError(zn) && zn < plain.size()) {
+        codec = kCodecZstd;
+        payload = std::span<const std::byte>(z.data(), zn);
+      }
     }
     std::vector<std::byte> sealed;
     if (keys_) {
