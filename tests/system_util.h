@@ -14,8 +14,10 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <span>
 #include <sstream>
 #include <string>
+#include <vector>
 
 namespace umbra::test_util {
 
@@ -46,6 +48,28 @@ inline std::string ReadFile(const std::string& path) {
   std::stringstream ss;
   ss << in.rdbuf();
   return ss.str();
+}
+
+// A whole file as bytes (EXPECTs that it could be read).
+inline std::vector<std::byte> ReadBytes(const std::string& path) {
+  std::error_code ec;
+  std::vector<std::byte> b(std::filesystem::file_size(path, ec));
+  EXPECT_FALSE(ec) << path << ": " << ec.message();
+  std::ifstream f(path, std::ios::binary);
+  f.read(reinterpret_cast<char*>(b.data()), static_cast<std::streamsize>(b.size()));
+  EXPECT_TRUE(f.good()) << path;
+  return b;
+}
+
+// Replaces the file's contents with `data` (EXPECTs success).
+inline void WriteBytes(const std::string& path, std::span<const std::byte> data) {
+  std::ofstream f(path, std::ios::binary | std::ios::trunc);
+  f.write(reinterpret_cast<const char*>(data.data()), static_cast<std::streamsize>(data.size()));
+  EXPECT_TRUE(f.good()) << path;
+}
+
+inline void WriteBytes(const std::string& path, const std::string& text) {
+  WriteBytes(path, std::span(reinterpret_cast<const std::byte*>(text.data()), text.size()));
 }
 
 // A fresh directory /var/tmp/PREFIX-XXXXXX, removed with everything in it.

@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "base/random.h"
+#include "system_util.h"
 #include "umbra/imaging.h"
 #include "umbra/repo.h"
 
@@ -58,22 +59,6 @@ Bytes Text(size_t n, int seed) {
   Bytes b(n);
   std::memcpy(b.data(), s.data(), n);
   return b;
-}
-
-Bytes ReadFile(const std::string& path) {
-  std::error_code ec;
-  Bytes b(fs::file_size(path, ec));
-  EXPECT_FALSE(ec) << path << ": " << ec.message();
-  std::ifstream f(path, std::ios::binary);
-  f.read(reinterpret_cast<char*>(b.data()), static_cast<std::streamsize>(b.size()));
-  EXPECT_TRUE(f.good()) << path;
-  return b;
-}
-
-void WriteWhole(const std::string& path, std::span<const std::byte> data) {
-  std::ofstream f(path, std::ios::binary | std::ios::trunc);
-  f.write(reinterpret_cast<const char*>(data.data()), static_cast<std::streamsize>(data.size()));
-  ASSERT_TRUE(f.good()) << path;
 }
 
 void FlipByte(const std::string& path, uint64_t off) {
@@ -141,9 +126,9 @@ std::vector<std::string> Sorted(std::vector<std::string> v) {
 class ImagingTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    char tmpl[] = "/tmp/umbra-imaging-test.XXXXXX";
-    ASSERT_NE(::mkdtemp(tmpl), nullptr);
-    dir_ = tmpl;
+    tmp_ = std::make_unique<test_util::TempDir>("umbra-imaging-test");
+    ASSERT_FALSE(tmp_->path().empty());
+    dir_ = tmp_->path();
     repo_dir_ = dir_ + "/repo";
     auto store = repo::OpenDirStore(repo_dir_, /*create=*/true);
     ASSERT_TRUE(store.ok()) << store.status().ToString();
@@ -156,9 +141,10 @@ class ImagingTest : public ::testing::Test {
   }
   void TearDown() override {
     repo_.reset();
-    std::error_code ec;
-    fs::remove_all(dir_, ec);
+    tmp_.reset();
   }
+
+  std::unique_ptr<test_util::TempDir> tmp_;
 
   std::string Path(const std::string& name) const { return dir_ + "/" + name; }
   std::string ObjectPath(const ChunkId& id) const {
@@ -307,7 +293,7 @@ TEST_F(ImagingTest, BuildAndRestoreRoundTrip) {
   EXPECT_EQ(rs->zero_chunks, zero.size());
   EXPECT_EQ(rs->written_chunks, nonzero);
   EXPECT_EQ(rs->same_chunks, 0u);
-  EXPECT_TRUE(ReadFile(Path("restored")) == l.Content());
+  EXPECT_TRUE(test_util::ReadBytes(Path("restored")) == l.Content());
 
   // The same file again: nothing new is stored.
   Manifest m2 = Build(Path("vol"));
@@ -346,7 +332,7 @@ TEST_F(ImagingTest, IdenticalChunksAreStoredOnce) {
 
   auto rs = DoRestore(m, Path("out"));
   ASSERT_TRUE(rs.ok()) << rs.status().ToString();
-  EXPECT_TRUE(ReadFile(Path("out")) == l.Content());
+  EXPECT_TRUE(test_util::ReadBytes(Path("out")) == l.Content());
 }
 
 TEST_F(ImagingTest, IdenticalChunksInParallelAreStoredOnce) {
@@ -396,7 +382,7 @@ TEST_F(ImagingTest, IncrementalReadsOnlyChangedChunks) {
   for (uint64_t i : {2, 3, 5}) EXPECT_NE(m2.chunks[i], m1.chunks[i]) << i;
   auto rs = DoRestore(m2, Path("out"));
   ASSERT_TRUE(rs.ok()) << rs.status().ToString();
-  EXPECT_TRUE(ReadFile(Path("out")) == l.Content());
+  EXPECT_TRUE(test_util::ReadBytes(Path("out")) == l.Content());
 }
 
 TEST_F(ImagingTest, IncrementalTakesUnchangedChunksFromBaseWithoutReading) {
@@ -422,7 +408,7 @@ TEST_F(ImagingTest, IncrementalTakesUnchangedChunksFromBaseWithoutReading) {
   ASSERT_TRUE(rs.ok()) << rs.status().ToString();
   Bytes want = l.Content();
   std::memcpy(want.data() + 3 * kChunk, original.data() + 3 * kChunk, kChunk);
-  EXPECT_TRUE(ReadFile(Path("out")) == want);
+  EXPECT_TRUE(test_util::ReadBytes(Path("out")) == want);
 }
 
 TEST_F(ImagingTest, IncrementalBaseOfAnotherSizeIsIgnored) {
@@ -449,7 +435,7 @@ TEST_F(ImagingTest, IncrementalBaseOfAnotherSizeIsIgnored) {
   EXPECT_EQ(m2.stats.reused_chunks, 4u);  // found in the repository by hash
   auto rs = DoRestore(m2, Path("out"));
   ASSERT_TRUE(rs.ok()) << rs.status().ToString();
-  EXPECT_TRUE(ReadFile(Path("out")) == b.Content());
+  EXPECT_TRUE(test_util::ReadBytes(Path("out")) == b.Content());
 }
 
 TEST_F(ImagingTest, RestoreRefusesSmallTargetAndDirectory) {
@@ -460,12 +446,12 @@ TEST_F(ImagingTest, RestoreRefusesSmallTargetAndDirectory) {
   Manifest m = Build(Path("vol"));
 
   Bytes before = Random(rng, l.size - 1);
-  WriteWhole(Path("small"), before);
+  test_util::WriteBytes(Path("small"), before);
   for (bool delta : {false, true}) {
     auto rs = DoRestore(m, Path("small"), delta);
     ASSERT_FALSE(rs.ok());
     EXPECT_EQ(rs.status().code(), Code::kNoSpace) << rs.status().ToString();
-    EXPECT_TRUE(ReadFile(Path("small")) == before);
+    EXPECT_TRUE(test_util::ReadBytes(Path("small")) == before);
   }
 
   ASSERT_TRUE(fs::create_directory(Path("adir")));
@@ -480,12 +466,12 @@ TEST_F(ImagingTest, RestoreRefusesSmallTargetAndDirectory) {
 
   // A larger target is fine: the image's bytes land at its start.
   Bytes big = Random(rng, l.size + 5000);
-  WriteWhole(Path("big"), big);
+  test_util::WriteBytes(Path("big"), big);
   auto rb = DoRestore(m, Path("big"));
   ASSERT_TRUE(rb.ok()) << rb.status().ToString();
   Bytes want = l.Content();
   want.insert(want.end(), big.begin() + static_cast<std::ptrdiff_t>(l.size), big.end());
-  EXPECT_TRUE(ReadFile(Path("big")) == want);
+  EXPECT_TRUE(test_util::ReadBytes(Path("big")) == want);
 }
 
 TEST_F(ImagingTest, DeltaRestoreWritesOnlyDifferingChunks) {
@@ -515,7 +501,7 @@ TEST_F(ImagingTest, DeltaRestoreWritesOnlyDifferingChunks) {
 
   auto r1 = DoRestore(ma, Path("target"));
   ASSERT_TRUE(r1.ok()) << r1.status().ToString();
-  ASSERT_TRUE(ReadFile(Path("target")) == ca);
+  ASSERT_TRUE(test_util::ReadBytes(Path("target")) == ca);
 
   auto r2 = DoRestore(mb, Path("target"), /*delta=*/true);
   ASSERT_TRUE(r2.ok()) << r2.status().ToString();
@@ -524,7 +510,7 @@ TEST_F(ImagingTest, DeltaRestoreWritesOnlyDifferingChunks) {
   EXPECT_EQ(r2->same_chunks, 10u - differ);
   EXPECT_EQ(r2->zero_chunks, 2u);  // chunks 3 and 4 of b
   EXPECT_EQ(r2->read_bytes, size);
-  EXPECT_TRUE(ReadFile(Path("target")) == cb);
+  EXPECT_TRUE(test_util::ReadBytes(Path("target")) == cb);
 
   // Again: everything is already there.
   auto r3 = DoRestore(mb, Path("target"), /*delta=*/true);
@@ -532,23 +518,23 @@ TEST_F(ImagingTest, DeltaRestoreWritesOnlyDifferingChunks) {
   EXPECT_EQ(r3->written_chunks, 0u);
   EXPECT_EQ(r3->same_chunks, 10u);
   EXPECT_EQ(r3->written_bytes, 0u);
-  EXPECT_TRUE(ReadFile(Path("target")) == cb);
+  EXPECT_TRUE(test_util::ReadBytes(Path("target")) == cb);
 
   // Delta onto unrelated bytes: every chunk is written, zero chunks too.
-  WriteWhole(Path("junk"), Random(rng, size));
+  test_util::WriteBytes(Path("junk"), Random(rng, size));
   auto r4 = DoRestore(mb, Path("junk"), /*delta=*/true);
   ASSERT_TRUE(r4.ok()) << r4.status().ToString();
   EXPECT_EQ(r4->written_chunks, 10u);
   EXPECT_EQ(r4->same_chunks, 0u);
-  EXPECT_TRUE(ReadFile(Path("junk")) == cb);
+  EXPECT_TRUE(test_util::ReadBytes(Path("junk")) == cb);
 
   // Not delta over an existing file: zero chunks are zeroed as well.
-  WriteWhole(Path("junk2"), Random(rng, size));
+  test_util::WriteBytes(Path("junk2"), Random(rng, size));
   auto r5 = DoRestore(mb, Path("junk2"));
   ASSERT_TRUE(r5.ok()) << r5.status().ToString();
   EXPECT_EQ(r5->written_chunks, 10u);
   EXPECT_EQ(r5->read_bytes, 0u);
-  EXPECT_TRUE(ReadFile(Path("junk2")) == cb);
+  EXPECT_TRUE(test_util::ReadBytes(Path("junk2")) == cb);
 }
 
 // ---- verify ----------------------------------------------------------------
@@ -662,7 +648,7 @@ TEST_F(VerifyGcTest, GcRemovesOnlyChunksOfDeletedImages) {
   ASSERT_TRUE(repo_->DeleteImage(i3_.id).ok());
   ASSERT_TRUE(repo_->DeleteImage(i1_.id).ok());
   ASSERT_TRUE(fs::create_directories(repo_dir_ + "/tmp") || fs::is_directory(repo_dir_ + "/tmp"));
-  WriteWhole(repo_dir_ + "/tmp/leftover", Text(100, 1));
+  test_util::WriteBytes(repo_dir_ + "/tmp/leftover", Text(100, 1));
 
   auto gc = imaging::CollectGarbage(*repo_);
   ASSERT_TRUE(gc.ok()) << gc.status().ToString();
@@ -675,7 +661,7 @@ TEST_F(VerifyGcTest, GcRemovesOnlyChunksOfDeletedImages) {
 
   auto rs = DoRestore(i2_, Path("out"));
   ASSERT_TRUE(rs.ok()) << rs.status().ToString();
-  EXPECT_TRUE(ReadFile(Path("out")) == c2_);
+  EXPECT_TRUE(test_util::ReadBytes(Path("out")) == c2_);
   auto v = VerifyAll();
   ASSERT_TRUE(v.ok());
   EXPECT_TRUE(v->damage.empty());
@@ -690,7 +676,7 @@ TEST_F(VerifyGcTest, GcRefusesWhileAManifestIsDamaged) {
   MakeImages();
   ASSERT_TRUE(repo_->DeleteImage(i1_.id).ok());  // a is garbage now
   fs::create_directories(repo_dir_ + "/tmp");
-  WriteWhole(repo_dir_ + "/tmp/leftover", Text(100, 1));
+  test_util::WriteBytes(repo_dir_ + "/tmp/leftover", Text(100, 1));
   const auto before = StoredChunks();
   const std::string path = ManifestPath(i2_.id);
   FlipByte(path, kObjectHeader + (fs::file_size(path) - kObjectHeader) / 2);

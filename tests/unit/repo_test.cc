@@ -14,6 +14,7 @@
 #include <thread>
 
 #include "base/random.h"
+#include "system_util.h"
 #include "umbra/repo.h"
 
 namespace umbra::testing {
@@ -28,26 +29,6 @@ using Bytes = std::vector<std::byte>;
 
 constexpr uint32_t kChunk = 64 * 1024;
 constexpr size_t kObjectHeader = 20;
-
-Bytes ReadFile(const std::string& path) {
-  std::error_code ec;
-  Bytes b(fs::file_size(path, ec));
-  EXPECT_FALSE(ec) << path << ": " << ec.message();
-  std::ifstream f(path, std::ios::binary);
-  f.read(reinterpret_cast<char*>(b.data()), static_cast<std::streamsize>(b.size()));
-  EXPECT_TRUE(f.good()) << path;
-  return b;
-}
-
-void WriteFile(const std::string& path, std::span<const std::byte> data) {
-  std::ofstream f(path, std::ios::binary | std::ios::trunc);
-  f.write(reinterpret_cast<const char*>(data.data()), static_cast<std::streamsize>(data.size()));
-  ASSERT_TRUE(f.good()) << path;
-}
-
-void WriteFile(const std::string& path, const std::string& text) {
-  WriteFile(path, std::span(reinterpret_cast<const std::byte*>(text.data()), text.size()));
-}
 
 Bytes FromString(const std::string& s) {
   Bytes b(s.size());
@@ -88,14 +69,13 @@ std::vector<std::string> FilesUnder(const std::string& dir) {
 class RepoTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    char tmpl[] = "/tmp/umbra-repo-test.XXXXXX";
-    ASSERT_NE(::mkdtemp(tmpl), nullptr);
-    dir_ = tmpl;
+    tmp_ = std::make_unique<test_util::TempDir>("umbra-repo-test");
+    ASSERT_FALSE(tmp_->path().empty());
+    dir_ = tmp_->path();
   }
-  void TearDown() override {
-    std::error_code ec;
-    fs::remove_all(dir_, ec);
-  }
+  void TearDown() override { tmp_.reset(); }
+
+  std::unique_ptr<test_util::TempDir> tmp_;
 
   std::unique_ptr<repo::Store> Store(const std::string& dir) {
     auto s = repo::OpenDirStore(dir, /*create=*/true);
@@ -191,7 +171,7 @@ TEST_F(RepoTest, InitThenOpenRoundTrip) {
   EXPECT_FALSE(r->encrypted());
   std::string cfg;
   {
-    Bytes b = ReadFile(where + "/umbra-repo.json");
+    Bytes b = test_util::ReadBytes(where + "/umbra-repo.json");
     cfg.assign(reinterpret_cast<const char*>(b.data()), b.size());
   }
   EXPECT_NE(cfg.find("umbra-repository"), std::string::npos) << cfg;
@@ -225,13 +205,13 @@ TEST_F(RepoTest, OpenEmptyMissingOrForeignDirectory) {
   EXPECT_FALSE(fs::exists(dir_ + "/absent"));
 
   const std::string cfg = dir_ + "/umbra-repo.json";
-  WriteFile(cfg, R"({"format": "something-else", "version": 1, "id": "x"})");
+  test_util::WriteBytes(cfg, R"({"format": "something-else", "version": 1, "id": "x"})");
   EXPECT_EQ(Open().status().code(), Code::kCorruption);
-  WriteFile(cfg, "not json at all {");
+  test_util::WriteBytes(cfg, "not json at all {");
   EXPECT_EQ(Open().status().code(), Code::kCorruption);
-  WriteFile(cfg, R"({"format": "umbra-repository", "version": 2, "id": "x"})");
+  test_util::WriteBytes(cfg, R"({"format": "umbra-repository", "version": 2, "id": "x"})");
   EXPECT_EQ(Open().status().code(), Code::kUnsupported);
-  WriteFile(cfg, R"({"format": "umbra-repository", "version": 1, "id": "x",
+  test_util::WriteBytes(cfg, R"({"format": "umbra-repository", "version": 1, "id": "x",
                      "chunk_size": 65536, "hash": "md5", "encryption": null})");
   EXPECT_EQ(Open().status().code(), Code::kUnsupported);
   // Refused without writing anything.
@@ -239,7 +219,7 @@ TEST_F(RepoTest, OpenEmptyMissingOrForeignDirectory) {
 }
 
 TEST_F(RepoTest, InitRefusesNonEmptyDirectoryAndExistingRepository) {
-  WriteFile(dir_ + "/notes.txt", "mine");
+  test_util::WriteBytes(dir_ + "/notes.txt", "mine");
   auto r = Repository::Init(Store(dir_), {kChunk, "", 32768});
   EXPECT_EQ(r.status().code(), Code::kInvalidArgument);
   EXPECT_FALSE(fs::exists(dir_ + "/umbra-repo.json"));
@@ -247,10 +227,10 @@ TEST_F(RepoTest, InitRefusesNonEmptyDirectoryAndExistingRepository) {
   std::string other = dir_ + "/other";
   auto first = Init({kChunk, "", 32768}, other);
   ASSERT_NE(first, nullptr);
-  Bytes before = ReadFile(other + "/umbra-repo.json");
+  Bytes before = test_util::ReadBytes(other + "/umbra-repo.json");
   auto again = Repository::Init(Store(other), {kChunk * 2, "", 32768});
   EXPECT_EQ(again.status().code(), Code::kAlreadyExists);
-  EXPECT_TRUE(ReadFile(other + "/umbra-repo.json") == before);
+  EXPECT_TRUE(test_util::ReadBytes(other + "/umbra-repo.json") == before);
   auto o = Open("", other);
   ASSERT_TRUE(o.ok());
   EXPECT_EQ((*o)->id(), first->id());
@@ -269,7 +249,7 @@ TEST_F(RepoTest, CompressibleChunkRoundTrip) {
   EXPECT_GT(*n, kObjectHeader);
   EXPECT_LT(*n, data.size() / 4);
   EXPECT_TRUE(*r->HasChunk(id));
-  Bytes obj = ReadFile(ObjectPath(id));
+  Bytes obj = test_util::ReadBytes(ObjectPath(id));
   ASSERT_EQ(obj.size(), *n);
   EXPECT_EQ(std::memcmp(obj.data(), "UMBO", 4), 0);
   EXPECT_EQ(obj[5], std::byte{1});  // zstd
@@ -299,7 +279,7 @@ TEST_F(RepoTest, IncompressibleChunkIsStoredRaw) {
   auto n = r->PutChunk(id, data);
   ASSERT_TRUE(n.ok());
   EXPECT_EQ(*n, kObjectHeader + kChunk);
-  Bytes obj = ReadFile(ObjectPath(id));
+  Bytes obj = test_util::ReadBytes(ObjectPath(id));
   ASSERT_EQ(obj.size(), kObjectHeader + kChunk);
   EXPECT_EQ(obj[5], std::byte{0});  // raw
   EXPECT_EQ(std::memcmp(obj.data() + kObjectHeader, data.data(), kChunk), 0);
@@ -316,7 +296,7 @@ TEST_F(RepoTest, PutOfExistingChunkWritesNothing) {
   auto files = FilesUnder(dir_);
   // Rule 3.4: an existing object is kept as it is, never rewritten. Replace
   // it by a marker to see that nothing touches it.
-  WriteFile(ObjectPath(id), "marker");
+  test_util::WriteBytes(ObjectPath(id), "marker");
   auto n = r->PutChunk(id, data);
   ASSERT_TRUE(n.ok());
   EXPECT_EQ(*n, 0u);
@@ -325,7 +305,7 @@ TEST_F(RepoTest, PutOfExistingChunkWritesNothing) {
   n = (*reopened)->PutChunk(id, data);
   ASSERT_TRUE(n.ok());
   EXPECT_EQ(*n, 0u);
-  EXPECT_TRUE(ReadFile(ObjectPath(id)) == FromString("marker"));
+  EXPECT_TRUE(test_util::ReadBytes(ObjectPath(id)) == FromString("marker"));
   EXPECT_EQ(FilesUnder(dir_), files);  // nothing new, nothing left in tmp/
 }
 
@@ -366,7 +346,7 @@ TEST_F(RepoTest, DamagedObjectIsCorruption) {
   // Raw object: any flipped byte, header or payload, is caught.
   Bytes raw = Random(rng_, kChunk);
   ChunkId rid = Put(*r, raw);
-  const Bytes good_raw = ReadFile(ObjectPath(rid));
+  const Bytes good_raw = test_util::ReadBytes(ObjectPath(rid));
   std::vector<size_t> where;
   for (size_t i = 0; i < kObjectHeader; ++i) where.push_back(i);
   for (size_t i = kObjectHeader; i < good_raw.size(); i += 997) where.push_back(i);
@@ -374,24 +354,24 @@ TEST_F(RepoTest, DamagedObjectIsCorruption) {
   for (size_t i : where) {
     Bytes bad = good_raw;
     bad[i] ^= std::byte{0x04};
-    WriteFile(ObjectPath(rid), bad);
+    test_util::WriteBytes(ObjectPath(rid), bad);
     Status s = r->GetChunk(rid, &back);
     ASSERT_EQ(s.code(), Code::kCorruption) << "byte " << i << ": " << s.ToString();
     EXPECT_NE(s.message().find(repo::ChunkIdHex(rid)), std::string::npos) << s.message();
   }
-  WriteFile(ObjectPath(rid), good_raw);
+  test_util::WriteBytes(ObjectPath(rid), good_raw);
   ASSERT_TRUE(r->GetChunk(rid, &back).ok());
 
   // Compressed object: every single flipped byte is either caught or (where
   // zstd does not care) decodes to the very same bytes; never wrong data.
   Bytes text = Compressible(kChunk, 5);
   ChunkId cid = Put(*r, text);
-  const Bytes good = ReadFile(ObjectPath(cid));
+  const Bytes good = test_util::ReadBytes(ObjectPath(cid));
   int caught = 0;
   for (size_t i = 0; i < good.size(); ++i) {
     Bytes bad = good;
     bad[i] ^= std::byte{0x10};
-    WriteFile(ObjectPath(cid), bad);
+    test_util::WriteBytes(ObjectPath(cid), bad);
     back.clear();
     Status s = r->GetChunk(cid, &back);
     if (s.ok()) {
@@ -403,9 +383,9 @@ TEST_F(RepoTest, DamagedObjectIsCorruption) {
   }
   EXPECT_GE(caught, static_cast<int>(good.size()) * 9 / 10);
   // A truncated object, and another chunk's object under this name.
-  WriteFile(ObjectPath(cid), std::span(good).first(good.size() - 1));
+  test_util::WriteBytes(ObjectPath(cid), std::span(good).first(good.size() - 1));
   EXPECT_EQ(r->GetChunk(cid, &back).code(), Code::kCorruption);
-  WriteFile(ObjectPath(cid), good_raw);
+  test_util::WriteBytes(ObjectPath(cid), good_raw);
   EXPECT_EQ(r->GetChunk(cid, &back).code(), Code::kCorruption);
 }
 
@@ -470,11 +450,11 @@ TEST_F(RepoTest, TamperedManifestIsCorruption) {
   Manifest m = SampleManifest(*r, "0000000100000001");
   ASSERT_TRUE(r->PutManifest(m).ok());
   const std::string path = dir_ + "/images/" + m.id;
-  const Bytes good = ReadFile(path);
+  const Bytes good = test_util::ReadBytes(path);
   for (size_t i = 0; i < good.size(); ++i) {
     Bytes bad = good;
     bad[i] ^= std::byte{0x01};
-    WriteFile(path, bad);
+    test_util::WriteBytes(path, bad);
     auto got = r->GetManifest(m.id);
     if (got.ok()) {
       // zstd ignored the flip: the manifest must be the very same.
@@ -485,16 +465,16 @@ TEST_F(RepoTest, TamperedManifestIsCorruption) {
         << "byte " << i << ": " << got.status().ToString();
     EXPECT_NE(got.status().message().find(m.id), std::string::npos) << got.status().message();
   }
-  WriteFile(path, good);
+  test_util::WriteBytes(path, good);
   ASSERT_TRUE(r->GetManifest(m.id).ok());
 
   // The same manifest under another image's name, or in another repository.
-  WriteFile(dir_ + "/images/0000000200000002", good);
+  test_util::WriteBytes(dir_ + "/images/0000000200000002", good);
   EXPECT_EQ(r->GetManifest("0000000200000002").status().code(), Code::kCorruption);
   auto other = Init({kChunk, "", 32768}, dir_ + "/other");
   ASSERT_NE(other, nullptr);
   fs::create_directories(dir_ + "/other/images");
-  WriteFile(dir_ + "/other/images/" + m.id, good);
+  test_util::WriteBytes(dir_ + "/other/images/" + m.id, good);
   EXPECT_EQ(other->GetManifest(m.id).status().code(), Code::kCorruption);
 }
 
@@ -506,7 +486,7 @@ TEST_F(RepoTest, ListResolveAndDeleteImages) {
     Manifest m = SampleManifest(*r, id);
     ASSERT_TRUE(r->PutManifest(m).ok()) << id;
   }
-  WriteFile(dir_ + "/images/README", "not an image");
+  test_util::WriteBytes(dir_ + "/images/README", "not an image");
   auto list = r->ListImages();
   ASSERT_TRUE(list.ok());
   EXPECT_EQ(*list, (std::vector<std::string>{a, b, c}));
@@ -547,7 +527,7 @@ TEST_F(RepoTest, EncryptedRepository) {
   ASSERT_NE(r, nullptr);
   EXPECT_TRUE(r->encrypted());
   {
-    Bytes cfg = ReadFile(enc_dir + "/umbra-repo.json");
+    Bytes cfg = test_util::ReadBytes(enc_dir + "/umbra-repo.json");
     EXPECT_TRUE(Contains(cfg, FromString("hmac-sha256")));
     EXPECT_TRUE(Contains(cfg, FromString("aes-256-gcm")));
     EXPECT_FALSE(Contains(cfg, FromString(pass)));
@@ -561,13 +541,13 @@ TEST_F(RepoTest, EncryptedRepository) {
   Bytes text = Compressible(kChunk, 9);
 
   ChunkId pid = Put(*plain, secret);
-  EXPECT_TRUE(Contains(ReadFile(ObjectPath(pid, plain_dir)), marker));
+  EXPECT_TRUE(Contains(test_util::ReadBytes(ObjectPath(pid, plain_dir)), marker));
   ChunkId sid = Put(*r, secret);
   ChunkId tid = Put(*r, text);
   EXPECT_NE(sid, plain->Hash(secret));  // keyed ids, not SHA-256
   EXPECT_NE(tid, plain->Hash(text));
   for (const ChunkId& id : {sid, tid}) {
-    Bytes obj = ReadFile(ObjectPath(id, enc_dir));
+    Bytes obj = test_util::ReadBytes(ObjectPath(id, enc_dir));
     EXPECT_EQ(obj[6], std::byte{1});  // AES-256-GCM
     EXPECT_FALSE(Contains(obj, marker));
     EXPECT_FALSE(Contains(obj, std::span(text).subspan(100, 32)));
@@ -579,13 +559,13 @@ TEST_F(RepoTest, EncryptedRepository) {
   EXPECT_TRUE(back == text);
   Manifest m = SampleManifest(*r, "0000000100000001");
   ASSERT_TRUE(r->PutManifest(m).ok());
-  EXPECT_EQ(ReadFile(enc_dir + "/images/" + m.id)[6], std::byte{1});
+  EXPECT_EQ(test_util::ReadBytes(enc_dir + "/images/" + m.id)[6], std::byte{1});
 
   // The objects are bound to their names: another chunk's object is refused.
-  const Bytes tobj = ReadFile(ObjectPath(tid, enc_dir));
-  WriteFile(ObjectPath(tid, enc_dir), ReadFile(ObjectPath(sid, enc_dir)));
+  const Bytes tobj = test_util::ReadBytes(ObjectPath(tid, enc_dir));
+  test_util::WriteBytes(ObjectPath(tid, enc_dir), test_util::ReadBytes(ObjectPath(sid, enc_dir)));
   EXPECT_EQ(r->GetChunk(tid, &back).code(), Code::kCorruption);
-  WriteFile(ObjectPath(tid, enc_dir), tobj);
+  test_util::WriteBytes(ObjectPath(tid, enc_dir), tobj);
 
   // Reopened with the passphrase: same keys, same ids, everything readable.
   auto o = Open(pass, enc_dir);
@@ -636,8 +616,8 @@ TEST_F(RepoTest, CleanTemporaryRemovesOnlyTmpFiles) {
   ASSERT_NE(r, nullptr);
   ChunkId id = Put(*r, Compressible(kChunk, 1));
   fs::create_directories(dir_ + "/tmp");
-  WriteFile(dir_ + "/tmp/left-over-1", "partial");
-  WriteFile(dir_ + "/tmp/left-over-2", "partial");
+  test_util::WriteBytes(dir_ + "/tmp/left-over-1", "partial");
+  test_util::WriteBytes(dir_ + "/tmp/left-over-2", "partial");
   auto n = r->store().CleanTemporary();
   ASSERT_TRUE(n.ok()) << n.status().ToString();
   EXPECT_EQ(*n, 2u);
