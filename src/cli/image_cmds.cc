@@ -250,6 +250,18 @@ Result<std::optional<repo::Manifest>> LatestTracked(repo::Repository& r,
   return std::optional<repo::Manifest>();
 }
 
+// Regions of `volume` changed after tracking position (id, epoch), from
+// umbrad's change map (volume.changes), appended to *out when the reply is ok.
+Reply Changes(Context& ctx, const std::string& volume, const std::string& tracking_id,
+              uint64_t epoch, std::vector<imaging::Range>* out) {
+  Reply r = ctx.Call("volume.changes",
+                     Json{{"volume", volume}, {"tracking_id", tracking_id}, {"epoch", epoch}});
+  if (r.ok)
+    for (const Json& e : Array(r.result, "extents"))
+      out->push_back({e[0].get<uint64_t>(), e[1].get<uint64_t>()});
+  return r;
+}
+
 void PrintCreated(Context& ctx, const repo::Manifest& m, const std::string& note) {
   if (ctx.opt.json) {
     Json j = ImageJson(m);
@@ -348,17 +360,12 @@ int Create(Context& ctx, const ImageArgs& a) {
     }
     m.writers = a.no_writers ? "none" : Text(snap, "writers", "none");
     if (base) {
-      Reply cr = ctx.Call("volume.changes", Json{{"volume", a.volume},
-                                                 {"tracking_id", base->tracking_id},
-                                                 {"epoch", base->tracking_epoch}});
-      if (cr.ok) {
-        for (const Json& e : Array(cr.result, "extents"))
-          changed.push_back({e[0].get<uint64_t>(), e[1].get<uint64_t>()});
-      } else if (cr.code == "not_found") {
+      Reply cr = Changes(ctx, a.volume, base->tracking_id, base->tracking_epoch, &changed);
+      if (!cr.ok && cr.code == "not_found") {
         note = "change tracking was reset since image " + base->id + " (" + cr.message +
                "): full read";
         base.reset();
-      } else {
+      } else if (!cr.ok) {
         return ctx.Fail(cr);
       }
     }
@@ -376,12 +383,9 @@ int Create(Context& ctx, const ImageArgs& a) {
         } else if (rec->chunk_size != rp.chunk_size()) {
           why = "it used another chunk size";
         } else {
-          Reply cr = ctx.Call("volume.changes", Json{{"volume", a.volume},
-                                                     {"tracking_id", rec->tracking_id},
-                                                     {"epoch", rec->tracking_epoch}});
+          Reply cr =
+              Changes(ctx, a.volume, rec->tracking_id, rec->tracking_epoch, &resume_changed);
           if (cr.ok) {
-            for (const Json& e : Array(cr.result, "extents"))
-              resume_changed.push_back({e[0].get<uint64_t>(), e[1].get<uint64_t>()});
             resume = std::move(*rec);
           } else {
             why = cr.message;
