@@ -145,7 +145,7 @@ double EngineRun(const Options& o, uint32_t chunk, int snaps, bool persistent,
                  const std::vector<std::pair<uint64_t, uint32_t>>& w, uint64_t* copies) {
   auto v = NewVolume(o, chunk);
   for (int i = 0; i < snaps; ++i) {
-    auto s = v->CreateSnapshot({persistent, ""});
+    auto s = v->CreateSnapshot({persistent, "", ""});
     if (!s.ok()) Die("snapshot", s.status());
   }
   double mbs = RunPattern(o, w, [&](uint64_t off, uint32_t len, std::byte* b) {
@@ -187,7 +187,7 @@ void CreateLatency(const Options& o, uint64_t size, bool persistent) {
       if (!(*v)->Write(off, std::span<const std::byte>(buf.p, 65536)).ok()) Die("write", Status());
     }
     double t0 = Now();
-    auto s = (*v)->CreateSnapshot({persistent, ""});
+    auto s = (*v)->CreateSnapshot({persistent, "", ""});
     ms.push_back((Now() - t0) * 1000);
     if (!s.ok()) Die("snapshot", s.status());
   }
@@ -293,7 +293,7 @@ int main(int argc, char** argv) {
     uint64_t r0 = HeapBytes();
     auto v = NewVolume(o, def_chunk);
     uint64_t r1 = HeapBytes();
-    auto s = v->CreateSnapshot({false, ""});
+    auto s = v->CreateSnapshot({false, "", ""});
     if (!s.ok()) Die("snapshot", s.status());
     uint64_t copies = 0;
     double mbs = RunPattern(o, seq, [&](uint64_t off, uint32_t len, std::byte* b) {

@@ -83,6 +83,9 @@ struct SnapshotInfo {
 struct SnapshotOptions {
   bool persistent = false;
   std::string name;
+  // The set's id (a UUID string), chosen by the caller so that it can be
+  // named before the set exists (writers are told it); "" = a new one.
+  std::string set_id;
 };
 
 struct Extent {

@@ -31,6 +31,7 @@ enum class Code : uint8_t {
   kBusy,              // resource in use (e.g. a set already being prepared)
   kPermissionDenied,
   kUnsupported,
+  kWriterFailed,      // a writer failed, vetoed or timed out; the snapshot was not taken
 };
 
 std::string_view CodeName(Code c);

@@ -33,6 +33,8 @@ std::string_view CodeName(Code c) {
       return "PermissionDenied";
     case Code::kUnsupported:
       return "Unsupported";
+    case Code::kWriterFailed:
+      return "WriterFailed";
   }
   return "Unknown";
 }
@@ -125,6 +127,8 @@ int Status::ToErrno() const {
       return errno_ == EPERM ? EPERM : EACCES;
     case Code::kUnsupported:
       return EOPNOTSUPP;
+    case Code::kWriterFailed:
+      return ECANCELED;
   }
   return EIO;
 }

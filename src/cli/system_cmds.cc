@@ -30,8 +30,16 @@ int WriterList(Context& ctx) {
     std::cout << "no writers\n";
     return kExitOk;
   }
-  Table t({"name", "state", "last error"});
-  for (const Json& w : writers) t.Row({Text(w, "name"), Text(w, "state"), Text(w, "last_error")});
+  Table t({"name", "kind", "state", "last event", "last error"});
+  for (const Json& w : writers) {
+    std::string when = "-";
+    if (auto it = w.find("last_event_time");
+        it != w.end() && it->is_number_integer() && it->get<int64_t>() > 0)
+      when = Text(w, "last_event") + " " + FormatTime(static_cast<uint64_t>(it->get<int64_t>()));
+    std::string err = Text(w, "last_error");
+    if (!w.value("connected", true)) err = err.empty() ? "disconnected" : err + " (disconnected)";
+    t.Row({Text(w, "name"), Text(w, "kind"), Text(w, "state"), when, err});
+  }
   std::cout << t.Render();
   return kExitOk;
 }
@@ -89,8 +97,10 @@ void AddSystemCommands(CLI::App& root, Context& ctx, Registry& reg) {
                            "writer library.");
     CLI::App* c = AddCommand(
         g, "list", "List writers",
-        "Lists the writers umbrad knows: name, state and last error. An umbrad without writer\n"
-        "support prints \"no writers (writer support is not available in this umbrad)\".",
+        "Lists the writers umbrad knows: the filesystem writer, every hook script of its\n"
+        "writers directory and every library writer registered now (or that failed before it\n"
+        "went away), with kind, state (stable, waiting-for-freeze, frozen,\n"
+        "waiting-for-completion, failed), last event and its time, and last error.",
         {"umbra writer list", "umbra --json writer list"});
     reg.Add(c, [&ctx] { return WriterList(ctx); });
   }

@@ -87,6 +87,7 @@ std::string WireCode(Code c) {
     case Code::kBusy: return "busy";
     case Code::kPermissionDenied: return "permission_denied";
     case Code::kUnsupported: return "unsupported";
+    case Code::kWriterFailed: return "writer_failed";
   }
   return "io_error";
 }
@@ -94,7 +95,7 @@ std::string WireCode(Code c) {
 Code CodeFromWire(const std::string& s) {
   for (Code c : {Code::kInvalidArgument, Code::kNotFound, Code::kAlreadyExists, Code::kCorruption,
                  Code::kIOError, Code::kNoSpace, Code::kSnapshotInvalid, Code::kTimedOut,
-                 Code::kBusy, Code::kPermissionDenied, Code::kUnsupported})
+                 Code::kBusy, Code::kPermissionDenied, Code::kUnsupported, Code::kWriterFailed})
     if (WireCode(c) == s) return c;
   return Code::kIOError;
 }

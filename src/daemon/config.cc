@@ -20,9 +20,10 @@ Status LoadConfigFile(const std::string& path, Config* cfg) {
     }
     return Status::InvalidArgument(msg.str());
   }
-  static const std::set<std::string, std::less<>> kKeys = {"state_dir", "socket", "fuse_dir",
-                                                           "admin_group", "copy_timeout_ms",
-                                                           "origin_cache", "nbd_socket", "nbd_tcp"};
+  static const std::set<std::string, std::less<>> kKeys = {
+      "state_dir",       "socket",     "fuse_dir", "admin_group", "copy_timeout_ms",
+      "origin_cache",    "nbd_socket", "nbd_tcp",  "writers_dir", "prepare_timeout_ms",
+      "freeze_window_ms"};
   for (const auto& [key, node] : tbl) {
     if (!kKeys.count(key.str()))
       return Status::InvalidArgument("config file " + path + ": unknown key '" +
@@ -49,13 +50,20 @@ Status LoadConfigFile(const std::string& path, Config* cfg) {
   if (origin_cache != "writeback" && origin_cache != "direct")
     return Status::InvalidArgument("config file " + path +
                                    ": 'origin_cache' must be \"writeback\" or \"direct\"");
-  if (const toml::node* n = tbl.get("copy_timeout_ms")) {
+  UMBRA_RETURN_IF_ERROR(str("writers_dir", &cfg->writers_dir));
+  auto ms = [&](const char* key, uint32_t* out) -> Status {
+    const toml::node* n = tbl.get(key);
+    if (n == nullptr) return Status::Ok();
     auto v = n->value<int64_t>();
     if (!v || *v < 1 || *v > 3'600'000)
-      return Status::InvalidArgument("config file " + path +
-                                     ": 'copy_timeout_ms' must be an integer from 1 to 3600000");
-    cfg->copy_timeout_ms = static_cast<uint32_t>(*v);
-  }
+      return Status::InvalidArgument("config file " + path + ": '" + key +
+                                     "' must be an integer from 1 to 3600000");
+    *out = static_cast<uint32_t>(*v);
+    return Status::Ok();
+  };
+  UMBRA_RETURN_IF_ERROR(ms("copy_timeout_ms", &cfg->copy_timeout_ms));
+  UMBRA_RETURN_IF_ERROR(ms("prepare_timeout_ms", &cfg->prepare_timeout_ms));
+  UMBRA_RETURN_IF_ERROR(ms("freeze_window_ms", &cfg->freeze_window_ms));
   cfg->origin_cache = origin_cache;
   return Status::Ok();
 }

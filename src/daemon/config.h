@@ -26,13 +26,19 @@ struct Config {
   // (O_DIRECT: no second cache, but every write waits for the disk in a
   // serving thread).
   std::string origin_cache = "writeback";
+  // Writers (docs/writers.md): the hook-script directory ("" = none) and the
+  // bounds of the sequence.
+  std::string writers_dir = "/etc/umbra/writers.d";
+  uint32_t prepare_timeout_ms = 60'000;
+  uint32_t freeze_window_ms = 10'000;
   bool foreground = false;
 };
 
 inline constexpr const char* kDefaultConfigFile = "/etc/umbra/umbrad.toml";
 
 // Reads the TOML file at `path` into *cfg (keys: state_dir, socket, fuse_dir,
-// admin_group, copy_timeout_ms, origin_cache, nbd_socket, nbd_tcp). An unknown key, a wrong type or a syntax
+// admin_group, copy_timeout_ms, origin_cache, nbd_socket, nbd_tcp, writers_dir,
+// prepare_timeout_ms, freeze_window_ms). An unknown key, a wrong type or a syntax
 // error fails with kInvalidArgument naming the file, line and key.
 Status LoadConfigFile(const std::string& path, Config* cfg);
 

@@ -142,7 +142,25 @@ struct AlignedFree {
 
 }  // namespace
 
-Daemon::Daemon(Config cfg) : cfg_(std::move(cfg)) {}
+namespace {
+std::string SelfExe() {
+  char buf[4096];
+  ssize_t n = ::readlink("/proc/self/exe", buf, sizeof buf - 1);
+  return n > 0 ? std::string(buf, static_cast<size_t>(n)) : "/proc/self/exe";
+}
+}  // namespace
+
+Daemon::Daemon(Config cfg) : cfg_(std::move(cfg)) {
+  writers::Bounds b;
+  b.prepare = std::chrono::milliseconds(cfg_.prepare_timeout_ms);
+  b.freeze_window = std::chrono::milliseconds(cfg_.freeze_window_ms);
+  if (const char* d = std::getenv("UMBRAD_TEST_FROZEN_DELAY_MS")) {
+    b.test_frozen_delay = std::chrono::milliseconds(std::atoll(d));
+    LogWarning("UMBRAD_TEST_FROZEN_DELAY_MS is set: filesystems stay frozen " + std::string(d) +
+               " ms before each commit (for tests)");
+  }
+  writers_ = std::make_unique<writers::Coordinator>(cfg_.writers_dir, b, SelfExe());
+}
 
 Daemon::~Daemon() { Stop(); }
 
@@ -280,6 +298,7 @@ Status Daemon::Start() {
     }
     volumes_[rec.name] = std::move(e);
   }
+  LoadWriterRecordsLocked();
   if (!open.empty()) {
     auto n = ReconcileSnapshotSets(open);
     if (!n.ok())
@@ -438,9 +457,17 @@ Result<Json> Daemon::Dispatch(const std::string& op, const Json& args, const Pee
       {"image.unexport", &Daemon::OpImageUnexport},
       {"image.mount", &Daemon::OpImageMount},
       {"image.unmount", &Daemon::OpImageUnmount},
+      {"snapshot.complete", &Daemon::OpSnapshotComplete},
+      {"writer.list", &Daemon::OpWriterList},
   };
+  // These take mu_ themselves: a snapshot with writers may wait for them for
+  // up to the prepare bound plus the freeze window, and must not block every
+  // other request meanwhile.
+  static const std::set<std::string> kSelfLocking = {"snapshot.create", "snapshot.complete",
+                                                     "writer.list"};
   auto it = kOps.find(op);
   if (it == kOps.end()) return Status::Unsupported("unknown operation");
+  if (kSelfLocking.count(op)) return (this->*(it->second))(args, peer);
   std::lock_guard l(mu_);
   if (!started_) return Status(Code::kBusy, "umbrad is shutting down");
   return (this->*(it->second))(args, peer);
@@ -522,6 +549,12 @@ Json Daemon::SnapshotObject(const VolumeEntry& v, const SnapshotInfo& s) {
   bool release = false;
   for (const auto& [conn, ids] : release_)
     if (ids.count(s.id)) release = true;
+  std::string consistency = "none";
+  Json failed = Json::object();
+  if (auto it = writer_records_.find(s.id); it != writer_records_.end()) {
+    consistency = it->second.consistency;
+    for (const auto& [w, why] : it->second.failed) failed[w] = why;
+  }
   Json tracking = nullptr;
   if (!s.tracking_id.empty()) tracking = Json{{"id", s.tracking_id}, {"epoch", s.change_epoch}};
   return Json{{"id", s.id},
@@ -539,7 +572,9 @@ Json Daemon::SnapshotObject(const VolumeEntry& v, const SnapshotInfo& s) {
               {"own_bytes", s.exclusive_bytes},
               {"attached_device", attached},
               {"mount", mount},
-              {"release_on_disconnect", release}};
+              {"release_on_disconnect", release},
+              {"writers", consistency},
+              {"writers_failed", failed}};
 }
 
 Status Daemon::SaveRegistryLocked() {
@@ -1003,37 +1038,125 @@ Result<Json> Daemon::OpSnapshotCreate(const Json& args, const Peer& peer) {
   UMBRA_ASSIGN_OR_RETURN(bool persistent, ArgBool(args, "persistent", false));
   UMBRA_ASSIGN_OR_RETURN(bool release, ArgBool(args, "release_on_disconnect", false));
   UMBRA_ASSIGN_OR_RETURN(std::string sname, ArgOptString(args, "name"));
+  UMBRA_ASSIGN_OR_RETURN(bool use_writers, ArgBool(args, "writers", true));
+  UMBRA_ASSIGN_OR_RETURN(std::string failure, ArgOptString(args, "writer_failure"));
+  if (failure.empty()) failure = "abort";
+  if (failure != "abort" && failure != "ignore")
+    return Status::InvalidArgument("argument 'writer_failure' must be \"abort\" or \"ignore\"");
   if (persistent && release)
     return Status::InvalidArgument(
         "a persistent snapshot cannot be released on disconnect; choose one");
-  std::vector<Volume*> vols;
-  std::vector<VolumeEntry*> entries;
+  std::vector<std::string> names;
   std::set<std::string> seen;
   for (const Json& n : *it) {
     if (!n.is_string())
       return Status::InvalidArgument("argument 'volumes' must contain volume names");
-    const std::string name = n.get<std::string>();
-    if (!seen.insert(name).second)
-      return Status::InvalidArgument("volume '" + name + "' is named twice");
-    UMBRA_ASSIGN_OR_RETURN(VolumeEntry * v, FindOpenVolume(name));
-    vols.push_back(v->holder->volume.get());
-    entries.push_back(v);
+    names.push_back(n.get<std::string>());
+    if (!seen.insert(names.back()).second)
+      return Status::InvalidArgument("volume '" + names.back() + "' is named twice");
   }
   SnapshotOptions opts;
   opts.persistent = persistent;
   opts.name = sname;
+  opts.set_id = NewUuid();
+
+  writers::Request wreq;
+  wreq.ctx.set_id = opts.set_id;
+  wreq.ctx.volumes = names;
+  wreq.ignore_failures = failure == "ignore";
+  {
+    std::lock_guard l(mu_);
+    if (!started_) return Status(Code::kBusy, "umbrad is shutting down");
+    std::set<dev_t> devs;
+    for (const std::string& name : names) {
+      UMBRA_ASSIGN_OR_RETURN(VolumeEntry * v, FindOpenVolume(name));
+      struct stat st;
+      if (v->live_loop.attached() && ::stat(v->live_loop.path().c_str(), &st) == 0)
+        devs.insert(st.st_rdev);
+    }
+    // One mount point per filesystem on the set's devices (a bind mount
+    // shares its filesystem's freeze).
+    std::set<dev_t> taken;
+    if (use_writers)
+      for (const MountEntry& m : ListMounts())
+        if (devs.count(m.dev) && taken.insert(m.dev).second) wreq.mounts.push_back(m.target);
+  }
+
+  Json result;
+  auto commit = [&]() -> Status {
+    std::lock_guard l(mu_);
+    if (!started_) return Status(Code::kBusy, "umbrad is shutting down");
+    auto r = CreateSetLocked(names, opts, release, peer);
+    if (!r.ok()) return r.status();
+    result = std::move(*r);
+    return Status::Ok();
+  };
+  if (!use_writers) {
+    UMBRA_RETURN_IF_ERROR(commit());
+    std::lock_guard l(mu_);
+    for (Json& s : result["snapshots"]) {
+      writer_records_[s["id"].get<std::string>()] = WriterRecord{"none", {}};
+      s["writers"] = "none";
+    }
+    Status saved = SaveWriterRecordsLocked();
+    if (!saved.ok()) LogWarning("saving writer records: " + saved.message());
+    result["writers"] = "none";
+    result["writers_failed"] = Json::object();
+    result["freeze_window_ms"] = 0;
+    return result;
+  }
+  UMBRA_ASSIGN_OR_RETURN(writers::Outcome out, writers_->Run(wreq, commit));
+  const std::string consistency = out.failed.empty() ? "consistent" : "inconsistent";
+  Json failed = Json::object();
+  for (const auto& [w, why] : out.failed) failed[w] = why;
+  std::lock_guard l(mu_);
+  for (Json& s : result["snapshots"]) {
+    writer_records_[s["id"].get<std::string>()] = WriterRecord{consistency, out.failed};
+    s["writers"] = consistency;
+    s["writers_failed"] = failed;
+  }
+  Status saved = SaveWriterRecordsLocked();
+  if (!saved.ok()) LogWarning("saving writer records: " + saved.message());
+  complete_[peer.conn_id].insert(opts.set_id);
+  result["writers"] = consistency;
+  result["writers_failed"] = failed;
+  result["writer_names"] = out.writers;
+  result["freeze_window_ms"] = out.freeze_window_ms;
+  result["writer_timeline"] = Json{{"window_start", out.window_start_ns},
+                                   {"fs_frozen", out.fs_frozen_ns},
+                                   {"committed", out.committed_ns},
+                                   {"fs_thawed", out.fs_thawed_ns},
+                                   {"window_end", out.window_end_ns}};
+  if (!out.failed.empty()) {
+    std::string list;
+    for (const auto& [w, why] : out.failed)
+      list += (list.empty() ? "" : ", ") + w + " (" + why + ")";
+    LogWarning("snapshot set " + opts.set_id + " is not consistent for writers: " + list);
+  }
+  return result;
+}
+
+Result<Json> Daemon::CreateSetLocked(const std::vector<std::string>& names,
+                                     const SnapshotOptions& opts, bool release, const Peer& peer) {
+  std::vector<Volume*> vols;
+  std::vector<VolumeEntry*> entries;
+  for (const std::string& name : names) {
+    UMBRA_ASSIGN_OR_RETURN(VolumeEntry * v, FindOpenVolume(name));
+    vols.push_back(v->holder->volume.get());
+    entries.push_back(v);
+  }
   auto snaps = CreateSnapshotSet(vols, opts);
   if (!snaps.ok()) return snaps.status();
   Json list = Json::array();
   if (release)
     for (const SnapshotInfo& s : *snaps) release_[peer.conn_id].insert(s.id);
-  std::string names;
+  std::string vnames;
   for (size_t i = 0; i < snaps->size(); ++i) {
     list.push_back(SnapshotObject(*entries[i], (*snaps)[i]));
-    names += (i ? ", '" : "'") + entries[i]->rec.name + "'";
+    vnames += (i ? ", '" : "'") + entries[i]->rec.name + "'";
   }
-  LogInfo("created " + std::string(persistent ? "persistent " : "") + "snapshot set " +
-          (*snaps)[0].set_id + " of " + names + (release ? " (released on disconnect)" : ""));
+  LogInfo("created " + std::string(opts.persistent ? "persistent " : "") + "snapshot set " +
+          (*snaps)[0].set_id + " of " + vnames + (release ? " (released on disconnect)" : ""));
   return Json{{"id", (*snaps)[0].id}, {"set_id", (*snaps)[0].set_id}, {"snapshots", list}};
 }
 
@@ -1064,6 +1187,7 @@ Status Daemon::DeleteSnapshotLocked(VolumeEntry& v, const std::string& id) {
     return Status::Busy("snapshot " + id + " is mounted on " + it->second->dir +
                         "; unmount it first");
   UMBRA_RETURN_IF_ERROR(v.holder->volume->DeleteSnapshot(id));
+  if (writer_records_.erase(id)) SaveWriterRecordsLocked().IgnoreError();
   for (auto& [conn, ids] : release_) ids.erase(id);
   LogInfo("deleted snapshot " + id + " of volume '" + v.rec.name + "'");
   return Status::Ok();
@@ -1112,8 +1236,7 @@ Result<Json> Daemon::OpSnapshotAttach(const Json& args, const Peer&) {
   if (auto it = snap_attach_.find(id); it != snap_attach_.end())
     return Status::AlreadyExists("snapshot " + id + " is already attached at " +
                                  it->second->loop.path());
-  if (!info.valid)
-    return InvalidatedError(id, info);
+  if (!info.valid) return InvalidatedError(id, info);
   auto a = std::make_unique<SnapshotAttachment>();
   a->volume = v->rec.name;
   a->file = "snap-" + id;
@@ -1241,8 +1364,8 @@ Result<Json> Daemon::MountReadOnlyLocked(const std::string& key, const std::stri
     if (!export_->Remove(m->file, kRemoveGrace).ok()) m.release();
     undo_dir();
     return Status(e == EINVAL ? Code::kCorruption : Code::kIOError,
-                  "mounting " + what + " (" + m->fstype + ") on " + dir + " failed: " +
-                      std::strerror(e) + " (the kernel log says why)",
+                  "mounting " + what + " (" + m->fstype + ") on " + dir +
+                      " failed: " + std::strerror(e) + " (the kernel log says why)",
                   e);
   }
   const std::string dev = m->loop.path();
@@ -1312,8 +1435,7 @@ Result<Json> Daemon::OpSnapshotExport(const Json& args, const Peer&) {
   UMBRA_ASSIGN_OR_RETURN(std::string id, ArgString(args, "id"));
   SnapshotInfo info;
   UMBRA_RETURN_IF_ERROR(FindSnapshot(id, &info).status());
-  if (!info.valid)
-    return InvalidatedError(id, info);
+  if (!info.valid) return InvalidatedError(id, info);
   return NbdUri(kNbdSnapshotPrefix + id);
 }
 
@@ -1328,8 +1450,7 @@ Result<Json> Daemon::OpSnapshotRevert(const Json& args, const Peer&) {
   if (v->nbd_clients > 0)
     return Status::Busy("volume '" + v->rec.name + "' is in use by " +
                         std::to_string(v->nbd_clients) + " NBD client(s); disconnect them first");
-  if (!info.valid)
-    return InvalidatedError(id, info, "; it cannot be reverted to");
+  if (!info.valid) return InvalidatedError(id, info, "; it cannot be reverted to");
   Volume* vol = v->holder->volume.get();
   UMBRA_ASSIGN_OR_RETURN(std::vector<Extent> extents, vol->SnapshotExtents(id));
   const uint64_t size = vol->size();
@@ -1375,6 +1496,17 @@ Result<Json> Daemon::OpSnapshotRevert(const Json& args, const Peer&) {
 }
 
 void Daemon::OnDisconnect(uint64_t conn_id) {
+  // Backup-complete for the sets this requester made (outside mu_: it waits
+  // for the library writers' answers).
+  std::set<std::string> sets;
+  {
+    std::lock_guard l(mu_);
+    if (auto c = complete_.find(conn_id); c != complete_.end()) {
+      sets = std::move(c->second);
+      complete_.erase(c);
+    }
+  }
+  for (const std::string& set : sets) writers_->Complete(set);
   std::lock_guard l(mu_);
   auto it = release_.find(conn_id);
   if (it == release_.end()) return;

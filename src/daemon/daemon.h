@@ -31,6 +31,7 @@
 #include "frontend/loop_device.h"
 #include "frontend/nbd/nbd_server.h"
 #include "umbra/repo.h"
+#include "writers/writers.h"
 
 namespace umbra::daemon {
 
@@ -69,6 +70,9 @@ class Daemon {
   // The connection `conn_id` closed: deletes its release_on_disconnect
   // snapshots.
   void OnDisconnect(uint64_t conn_id);
+  // The connection `fd` sent writer.register: answers it and serves the
+  // connection as a library writer until it closes (daemon/writer_ops.cc).
+  void ServeWriter(int fd, const Json& request, const Peer& peer);
 
   const Config& config() const { return cfg_; }
 
@@ -138,6 +142,12 @@ class Daemon {
   Result<Json> OpImageUnexport(const Json& args, const Peer& peer);
   Result<Json> OpImageMount(const Json& args, const Peer& peer);
   Result<Json> OpImageUnmount(const Json& args, const Peer& peer);
+  // These three take mu_ themselves (the writer sequence runs without it).
+  Result<Json> OpSnapshotComplete(const Json& args, const Peer& peer);
+  Result<Json> OpWriterList(const Json& args, const Peer& peer);
+  // The commit step of snapshot.create (mu_ held): makes the set.
+  Result<Json> CreateSetLocked(const std::vector<std::string>& names, const SnapshotOptions& opts,
+                               bool release, const Peer& peer);
   Json NbdUri(const std::string& export_name) const;
   void NbdRelease(const std::string& volume);
   class NbdVolumeExport;
@@ -179,9 +189,27 @@ class Daemon {
   Result<std::shared_ptr<OpenImage>> OpenImageArgs(const Json& args);
   std::map<std::string, std::shared_ptr<OpenImage>> images_;  // exported, by image id
   class NbdImageExport;
-  std::map<std::string, std::unique_ptr<SnapshotMount>> snap_mounts_;       // by id
-  std::map<uint64_t, std::set<std::string>> release_;                       // conn -> snapshot ids
+  std::map<std::string, std::unique_ptr<SnapshotMount>> snap_mounts_;  // by id
+  std::map<uint64_t, std::set<std::string>> release_;                  // conn -> snapshot ids
   std::unique_ptr<FuseExport> export_;
+
+  // Writers (docs/writers.md). The coordinator and the library writers have
+  // their own locks; a snapshot.create with writers holds mu_ only to look
+  // up its volumes and to commit.
+  std::unique_ptr<writers::Coordinator> writers_;
+  class LibraryWriter;
+  std::mutex lib_mu_;
+  std::map<std::string, std::shared_ptr<LibraryWriter>> lib_writers_;  // guarded by lib_mu_
+  // Per snapshot id: "consistent" or "inconsistent" and the writers that
+  // failed, kept in STATE_DIR/writers.json. Guarded by mu_.
+  struct WriterRecord {
+    std::string consistency;
+    std::map<std::string, std::string> failed;
+  };
+  std::map<std::string, WriterRecord> writer_records_;
+  void LoadWriterRecordsLocked();
+  Status SaveWriterRecordsLocked();
+  std::map<uint64_t, std::set<std::string>> complete_;  // conn -> set ids; guarded by mu_
   int lock_fd_ = -1;
 };
 

@@ -18,6 +18,7 @@
 #include "daemon/log.h"
 #include "daemon/nbd_exports.h"
 #include "daemon/server.h"
+#include "writers/writers.h"
 
 namespace {
 
@@ -45,12 +46,17 @@ constexpr const char* kFooter = R"(CONFIGURATION
     origin_cache = "writeback"          or "direct" (O_DIRECT on volume data)
     nbd_socket = "/run/umbra/nbd.sock"  NBD exports (default: next to socket)
     nbd_tcp = "127.0.0.1:10809"         NBD also on loopback TCP (default: off)
+    writers_dir = "/etc/umbra/writers.d"  hook scripts run with freeze/thaw
+    prepare_timeout_ms = 60000          bound of the writers' prepare step
+    freeze_window_ms = 10000            bound from first freeze to last thaw
   Command-line options override the file.
 
 FILES
   STATE_DIR/volumes.json          the registry of protected volumes
   STATE_DIR/shadow/UUID/          default shadow storage of each volume
   STATE_DIR/volumes/NAME.img      backing files of volumes umbrad created
+  STATE_DIR/writers.json          which writers each snapshot was consistent for
+  WRITERS_DIR/*                   hook scripts (docs/writers.md)
   FUSE_DIR/vol-NAME, snap-ID      files behind attached loop devices
 
 ACCESS
@@ -61,6 +67,9 @@ ACCESS
 SIGNALS
   SIGTERM, SIGINT   stop: unmount the snapshot mounts umbrad made, detach
                     its loop devices, unmount FUSE, close volumes, exit 0.
+  A filesystem umbrad froze for a snapshot is thawed by a separate guard
+  process (umbrad --thaw-guard) when the freeze window ends, also when
+  umbrad is killed.
   After a crash (or kill -9) the next start cleans up what was left:
   a dead FUSE mount, loop devices and snapshot mounts; persistent snapshots
   are recovered, other snapshots are gone.
@@ -80,10 +89,13 @@ EXAMPLES
 }  // namespace
 
 int main(int argc, char** argv) {
+  // The thaw guard umbrad starts around a filesystem freeze (internal).
+  if (argc >= 2 && std::strcmp(argv[1], "--thaw-guard") == 0)
+    return umbra::writers::ThawGuardMain(argc, argv);
   CLI::App app(kDescription, "umbrad");
   app.footer(kFooter);
   app.get_formatter()->column_width(34);
-  std::string config_file, state_dir, socket_path, fuse_dir, nbd_socket, nbd_tcp;
+  std::string config_file, state_dir, socket_path, fuse_dir, nbd_socket, nbd_tcp, writers_dir;
   bool foreground = false;
   app.add_option("--config", config_file, "TOML configuration file")->type_name("FILE");
   app.add_option("--state-dir", state_dir, "state directory (default /var/lib/umbra)")
@@ -100,6 +112,10 @@ int main(int argc, char** argv) {
   app.add_option("--nbd-tcp", nbd_tcp,
                  "also serve NBD on this loopback address, e.g. 127.0.0.1:10809 (default: off)")
       ->type_name("ADDR:PORT");
+  app.add_option("--writers-dir", writers_dir,
+                 "hook scripts run with 'freeze' and 'thaw' around every snapshot (default "
+                 "/etc/umbra/writers.d)")
+      ->type_name("DIR");
   app.add_flag("--foreground", foreground,
                "stay in the foreground (for systemd and tests); otherwise umbrad detaches once "
                "it is ready");
@@ -127,10 +143,12 @@ int main(int argc, char** argv) {
   if (!fuse_dir.empty()) cfg.fuse_dir = fuse_dir;
   if (!nbd_socket.empty()) cfg.nbd_socket = nbd_socket;
   if (!nbd_tcp.empty()) cfg.nbd_tcp = nbd_tcp;
+  if (!writers_dir.empty()) cfg.writers_dir = writers_dir;
   if (cfg.nbd_socket.empty())
     cfg.nbd_socket = std::filesystem::path(cfg.socket).parent_path().string() + "/nbd.sock";
   cfg.foreground = foreground;
-  for (std::string* p : {&cfg.state_dir, &cfg.socket, &cfg.fuse_dir, &cfg.nbd_socket}) {
+  for (std::string* p :
+       {&cfg.state_dir, &cfg.socket, &cfg.fuse_dir, &cfg.nbd_socket, &cfg.writers_dir}) {
     if (p->empty() || (*p)[0] != '/') {
       LogError("'" + *p + "' must be an absolute path");
       return 2;
@@ -183,7 +201,7 @@ int main(int argc, char** argv) {
     return 1;
   }
   umbra::daemon::Server server("control", umbra::daemon::ControlHandler(&daemon),
-                              umbra::daemon::ControlBusy());
+                               umbra::daemon::ControlBusy());
   s = server.Start(cfg.socket, cfg.admin_group);
   if (!s.ok()) {
     LogError("cannot start: " + s.message());

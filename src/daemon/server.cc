@@ -257,6 +257,11 @@ Server::Handler ControlHandler(Daemon* daemon) {
         }
         break;
       }
+      // A writer's connection carries events from then on (docs/writers.md).
+      if (req->is_object() && req->value("op", "") == "writer.register") {
+        daemon->ServeWriter(fd, *req, peer);
+        break;
+      }
       Json resp = daemon->Handle(*req, peer);
       if (!control::WriteFrame(fd, resp).ok()) break;
     }

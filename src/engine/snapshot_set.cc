@@ -24,12 +24,13 @@ Result<std::vector<SnapshotInfo>> CreateSnapshotSet(std::span<Volume* const> vol
   if (std::adjacent_find(order.begin(), order.end()) != order.end())
     return Status::InvalidArgument("a volume appears twice in the snapshot set");
 
+  Uuid set_uuid{};
+  if (!ParseUuid(opts.set_id.empty() ? NewUuid() : opts.set_id, set_uuid))
+    return Status::InvalidArgument("snapshot set id '" + opts.set_id + "' is not a UUID");
   std::vector<std::unique_lock<std::mutex>> admin;
   for (auto* v : order) admin.emplace_back(v->admin_mu());
   for (auto* v : order) UMBRA_RETURN_IF_ERROR(v->PrepareInstant(opts.persistent));
 
-  Uuid set_uuid{};
-  ParseUuid(NewUuid(), set_uuid);
   std::vector<SnapshotInfo> infos(vols.size());
   std::vector<uint64_t> lsns(vols.size(), 0);
   Status failed;

@@ -170,7 +170,7 @@ int main(int argc, char** argv) {
       auto hold = w.Pause();
       if (Status s = vol->Read(0, ref); !s.ok()) return Fail("read reference", s);
       auto t0 = std::chrono::steady_clock::now();
-      auto s = vol->CreateSnapshot({true, "demo"});
+      auto s = vol->CreateSnapshot({true, "demo", ""});
       auto ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
       if (!s.ok()) return Fail("snapshot", s.status());
       first = s->id;
@@ -188,9 +188,9 @@ int main(int argc, char** argv) {
     }
     std::printf("%s    written %s since the snapshot\n", tty ? "\r" : "",
                 FormatBytes(w.bytes() - at_snapshot).c_str());
-    auto a = vol->CreateSnapshot({false, "b"});
+    auto a = vol->CreateSnapshot({false, "b", ""});
     std::this_thread::sleep_for(std::chrono::milliseconds(500));
-    auto b = vol->CreateSnapshot({false, "c"});
+    auto b = vol->CreateSnapshot({false, "c", ""});
     if (!a.ok() || !b.ok()) return Fail("snapshot", a.ok() ? b.status() : a.status());
     second = a->id;
     third = b->id;

@@ -108,7 +108,7 @@ class CrashRun {
     } else if (r < 85) {
       bool persistent = rng_.Bernoulli(0.7);
       std::string name = "s" + std::to_string(step);
-      auto s = vol_->CreateSnapshot({persistent, name});
+      auto s = vol_->CreateSnapshot({persistent, name, ""});
       snaps_[name] = Expect{live_, persistent, s.ok()};
       if (!s.ok()) return Stop();
     } else {
@@ -194,7 +194,7 @@ class CrashRun {
     Rng r(seed_ ^ 0x5eed);
     Bytes b = RandomBytes(r, size_);
     ASSERT_TRUE((*v)->Write(0, b).ok());
-    auto s = (*v)->CreateSnapshot({true, "after"});
+    auto s = (*v)->CreateSnapshot({true, "after", ""});
     ASSERT_TRUE(s.ok()) << Where() << ": " << s.status().ToString();
     ASSERT_TRUE((*v)->Write(0, RandomBytes(r, size_)).ok());
     ASSERT_TRUE((*v)->Close().ok());

@@ -89,7 +89,7 @@ class ModelRun {
     } else if (r < 58) {
       ASSERT_TRUE(v.Flush().ok()) << Where();
     } else if (r < 68) {  // snapshot (sometimes a set of both volumes)
-      SnapshotOptions o{rng_.Bernoulli(0.5), "s" + std::to_string(step_)};
+      SnapshotOptions o{rng_.Bernoulli(0.5), "s" + std::to_string(step_), ""};
       if (rng_.Bernoulli(0.3)) {
         Volume* vs[] = {vols_[0].get(), vols_[1].get()};
         auto set = CreateSnapshotSet(vs, o);

@@ -89,7 +89,7 @@ TEST_F(BlockDeviceTest, SnapshotDeviceIsReadOnlyAndPointInTime) {
 // reading its snapshot across a swap to a reopened Volume.
 TEST_F(BlockDeviceTest, SwappableVolumeFollowsTheHeldVolume) {
   ASSERT_TRUE(vol_->Write(0, Pattern(kChunk, 0x22)).ok());
-  auto snap = vol_->CreateSnapshot({true, ""});
+  auto snap = vol_->CreateSnapshot({true, "", ""});
   ASSERT_TRUE(snap.ok()) << snap.status().ToString();
   ASSERT_TRUE(vol_->Write(0, Pattern(kChunk, 0x33)).ok());
   const VolumeConfig cfg = vol_->config();

@@ -4,6 +4,7 @@
 #   tests/system/cli_test.sh BUILD_DIR CASE
 #
 # CASE: pit_ext4 | pit_xfs | many | cap | kill9 | revert | bad_input | nbd_snapshot | nbd_live | image
+#       | writers | writers_kill9 (tests/system/writers_cases.sh)
 # Each case starts its own umbrad in a fresh /var/tmp directory and removes
 # everything (mounts, loop devices, daemon, files) on exit, pass or fail.
 # Exit 0 pass, 1 fail, 77 skipped (not root / no FUSE / no loop).
@@ -791,6 +792,9 @@ PY
   log "PASS"
 }
 
+# shellcheck source=writers_cases.sh
+source "$(dirname "${BASH_SOURCE[0]}")/writers_cases.sh"
+
 case "$case_name" in
   pit_ext4) case_pit ext4 ;;
   pit_xfs) case_pit xfs ;;
@@ -802,5 +806,7 @@ case "$case_name" in
   nbd_snapshot) case_nbd_snapshot ;;
   nbd_live) case_nbd_live ;;
   image) case_image ;;
+  writers) case_writers ;;
+  writers_kill9) case_writers_kill9 ;;
   *) echo "unknown case $case_name"; exit 2 ;;
 esac

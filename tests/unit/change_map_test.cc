@@ -71,7 +71,7 @@ class ChangeMapTest : public ::testing::Test {
     model_.Write(off, b);
   }
   SnapshotInfo Snap() {
-    auto s = vol_->CreateSnapshot({true, ""});
+    auto s = vol_->CreateSnapshot({true, "", ""});
     EXPECT_TRUE(s.ok()) << s.status().ToString();
     return s.ok() ? *s : SnapshotInfo{};
   }
@@ -210,7 +210,7 @@ TEST_F(ChangeMapTest, RegionIsChunkSizeWhenLargerAndLastRegionIsClipped) {
   c.boot_id = boot_;
   auto v = Volume::Create(&mem_, c);
   ASSERT_TRUE(v.ok()) << v.status().ToString();
-  SnapshotInfo s = *(*v)->CreateSnapshot({true, ""});
+  SnapshotInfo s = *(*v)->CreateSnapshot({true, "", ""});
   ASSERT_TRUE((*v)->Write(3 * uint64_t{kBig} + 1, Pattern(1, 7)).ok());
   ASSERT_TRUE((*v)->Write(kOdd - 1, Pattern(1, 7)).ok());
   EXPECT_TRUE(ChangedAre(**v, s.tracking_id, s.change_epoch,

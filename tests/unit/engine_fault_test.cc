@@ -35,7 +35,7 @@ class FaultTest : public ::testing::Test {
     std::memcpy(live_.data() + off, b.data(), b.size());
   }
   std::string Snap(bool persistent = true) {
-    auto s = vol_->CreateSnapshot({persistent, ""});
+    auto s = vol_->CreateSnapshot({persistent, "", ""});
     EXPECT_TRUE(s.ok()) << s.status().ToString();
     if (!s.ok()) return "";
     snaps_[s->id] = live_;
@@ -207,7 +207,7 @@ TEST_F(FaultTest, JournalFailureFailsPersistentCreateCleanly) {
   r.err = EIO;
   r.ops = FaultEnv::Mask(FaultEnv::Op::kSync);
   int id = fault_.AddRule(r);
-  auto s = vol_->CreateSnapshot({true, "x"});
+  auto s = vol_->CreateSnapshot({true, "x", ""});
   ASSERT_FALSE(s.ok());
   EXPECT_NE(s.status().ToString().find("shadow storage"), std::string::npos) << s.status().ToString();
   for (auto& info : vol_->ListSnapshots()) EXPECT_FALSE(info.valid) << "a failed create left a snapshot";
@@ -254,7 +254,7 @@ TEST_F(FaultTest, EachShadowOperationFailingInTurn) {
     fault.AddRule(r);
     std::map<std::string, Bytes> expect;
     for (int step = 0; step < 12; ++step) {
-      auto s = (*v)->CreateSnapshot({step % 3 != 0, ""});
+      auto s = (*v)->CreateSnapshot({step % 3 != 0, "", ""});
       if (s.ok()) expect[s->id] = live;
       for (int w = 0; w < 4; ++w) {
         Bytes b = RandomBytes(rng, rng.Uniform(1, 2 * kChunk));
@@ -312,7 +312,7 @@ TEST(FaultPosixTest, HungShadowStorageDoesNotHoldTheOrigin) {
   c.copy_timeout_ms = 100;
   auto v = Volume::Create(&fault, c);
   ASSERT_TRUE(v.ok()) << v.status().ToString();
-  auto s = (*v)->CreateSnapshot({false, ""});
+  auto s = (*v)->CreateSnapshot({false, "", ""});
   ASSERT_TRUE(s.ok());
   FaultEnv::Rule r;
   r.path_substr = "umbra-shadow.data";

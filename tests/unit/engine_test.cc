@@ -29,7 +29,7 @@ class EngineTest : public ::testing::Test {
     model_.Write(off, b);
   }
   std::string Snap(bool persistent = false) {
-    auto s = vol_->CreateSnapshot({persistent, ""});
+    auto s = vol_->CreateSnapshot({persistent, "", ""});
     EXPECT_TRUE(s.ok()) << s.status().ToString();
     model_.snaps[s->id] = model_.live;
     return s->id;
@@ -208,7 +208,7 @@ TEST_F(EngineTest, AtomicSetAcrossVolumes) {
   });
   Volume* vs[] = {vol_.get(), v2->get()};
   for (int i = 0; i < 20; ++i) {
-    auto set = CreateSnapshotSet(vs, {true, "set"});
+    auto set = CreateSnapshotSet(vs, {true, "set", ""});
     ASSERT_TRUE(set.ok()) << set.status().ToString();
     ASSERT_EQ(set->size(), 2u);
     EXPECT_EQ((*set)[0].set_id, (*set)[1].set_id);
@@ -431,7 +431,7 @@ TEST(EnginePosixTest, FileBackedVolumeRoundTrip) {
     ASSERT_TRUE(v.ok()) << v.status().ToString();
     c.uuid = (*v)->config().uuid;
     ASSERT_TRUE((*v)->Write(0, base).ok());
-    auto s = (*v)->CreateSnapshot({true, "posix"});
+    auto s = (*v)->CreateSnapshot({true, "posix", ""});
     ASSERT_TRUE(s.ok());
     id = s->id;
     ASSERT_TRUE((*v)->Write(12345, RandomBytes(rng, 3 << 20)).ok());
