@@ -14,7 +14,7 @@
 #   PG_BINDIR=/usr/lib/postgresql/15/bin  (default: the newest installed)
 #
 # Target (docs/writers.md): p99 < 200 ms for the filesystem writer alone.
-# With N=50 the p99 (nearest rank) is the second largest sample.
+# p99 is the nearest rank: with N=50 that is the largest sample.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 src=$PWD

@@ -17,6 +17,7 @@ PACKAGES=(
   libfuse3-dev fuse3
   libnbd-bin libnbd-dev nbdfuse qemu-utils clang
   libzstd-dev zstd libssl-dev libext2fs-dev partclone sqlite3 time
+  postgresql
   python3
 )
 

@@ -110,7 +110,8 @@ Result<std::unique_ptr<repo::Repository>> OpenRepo(Context& ctx, const ImageArgs
                                                    bool* created = nullptr) {
   const std::string dir = RepoDir(a);
   std::error_code ec;
-  bool fresh = create && (!fs::exists(dir, ec) || (fs::is_directory(dir, ec) && fs::is_empty(dir, ec)));
+  bool fresh =
+      create && (!fs::exists(dir, ec) || (fs::is_directory(dir, ec) && fs::is_empty(dir, ec)));
   if (fresh) {
     repo::InitOptions io;
     if (!a.chunk_size.empty()) {
@@ -126,7 +127,8 @@ Result<std::unique_ptr<repo::Repository>> OpenRepo(Context& ctx, const ImageArgs
     UMBRA_ASSIGN_OR_RETURN(auto store, repo::OpenDirStore(dir, true));
     UMBRA_ASSIGN_OR_RETURN(auto r, repo::Repository::Init(std::move(store), io));
     if (created) *created = true;
-    if (!ctx.opt.quiet) std::cerr << "umbra: created repository " << dir << (a.encrypt ? " (encrypted)" : "") << "\n";
+    if (!ctx.opt.quiet)
+      std::cerr << "umbra: created repository " << dir << (a.encrypt ? " (encrypted)" : "") << "\n";
     return r;
   }
   UMBRA_ASSIGN_OR_RETURN(auto store, repo::OpenDirStore(dir, false));
@@ -168,8 +170,8 @@ class ProgressBar {
 };
 
 Json StatsJson(const repo::ImageStats& s) {
-  return Json{{"read", s.read_bytes},     {"new", s.new_chunks},     {"reused", s.reused_chunks},
-              {"zero", s.zero_chunks},    {"stored", s.stored_bytes}, {"seconds", s.seconds}};
+  return Json{{"read", s.read_bytes},  {"new", s.new_chunks},      {"reused", s.reused_chunks},
+              {"zero", s.zero_chunks}, {"stored", s.stored_bytes}, {"seconds", s.seconds}};
 }
 
 Json ImageJson(const repo::Manifest& m) {
@@ -215,9 +217,10 @@ Status CheckOffline(const std::string& path) {
   if (::stat(path.c_str(), &st) != 0) return Status::NotFound(path + " does not exist");
   if (S_ISBLK(st.st_mode)) {
     if (MountedReadWrite(st.st_rdev))
-      return Status::Busy(path + " is mounted read-write; --offline needs it unmounted or "
-                                 "mounted read-only (image it live instead: umbra image create "
-                                 "VOLUME)");
+      return Status::Busy(path +
+                          " is mounted read-write; --offline needs it unmounted or "
+                          "mounted read-only (image it live instead: umbra image create "
+                          "VOLUME)");
     return Status::Ok();
   }
   std::error_code ec;
@@ -243,8 +246,7 @@ Result<std::optional<repo::Manifest>> LatestTracked(repo::Repository& r,
   for (auto it = ids.rbegin(); it != ids.rend(); ++it) {
     auto m = r.GetManifest(*it);
     if (!m.ok()) continue;  // a damaged image is no base; verify reports it
-    if (m->volume_uuid == volume_uuid && !m->tracking_id.empty() &&
-        m->chunk_size == r.chunk_size())
+    if (m->volume_uuid == volume_uuid && !m->tracking_id.empty() && m->chunk_size == r.chunk_size())
       return std::optional<repo::Manifest>(std::move(*m));
   }
   return std::optional<repo::Manifest>();
@@ -347,8 +349,8 @@ int Create(Context& ctx, const ImageArgs& a) {
                {"writers", !a.no_writers}};
     Reply sr = ctx.Call("snapshot.create", sargs);
     if (!sr.ok) return ctx.Fail(sr);
-    Json snap = Array(sr.result, "snapshots").empty() ? Json::object()
-                                                       : Array(sr.result, "snapshots")[0];
+    Json snap =
+        Array(sr.result, "snapshots").empty() ? Json::object() : Array(sr.result, "snapshots")[0];
     snap_id = Text(sr.result, "id");
     m.snapshot_id = snap_id;
     m.snapshot_set_id = Text(sr.result, "set_id");
@@ -383,8 +385,7 @@ int Create(Context& ctx, const ImageArgs& a) {
         } else if (rec->chunk_size != rp.chunk_size()) {
           why = "it used another chunk size";
         } else {
-          Reply cr =
-              Changes(ctx, a.volume, rec->tracking_id, rec->tracking_epoch, &resume_changed);
+          Reply cr = Changes(ctx, a.volume, rec->tracking_id, rec->tracking_epoch, &resume_changed);
           if (cr.ok) {
             resume = std::move(*rec);
           } else {
@@ -395,8 +396,8 @@ int Create(Context& ctx, const ImageArgs& a) {
         why = text.status().message();
       }
       if (!why.empty())
-        note = (note.empty() ? "" : note + "; ") +
-               "an interrupted create could not be resumed (" + why + "): starting over";
+        note = (note.empty() ? "" : note + "; ") + "an interrupted create could not be resumed (" +
+               why + "): starting over";
     }
     Reply er = ctx.Call("snapshot.export", Json{{"id", snap_id}});
     if (!er.ok) return ctx.Fail(er);
@@ -455,6 +456,9 @@ int Create(Context& ctx, const ImageArgs& a) {
   if (!snap_id.empty()) {
     Reply d = ctx.Call("snapshot.delete", Json{{"id", snap_id}});
     if (!d.ok) ctx.Warn("could not release snapshot " + snap_id + ": " + d.message);
+    // The image is safe: writers may now do their post-backup work
+    // (backup-complete; an umbrad without writers answers unknown op).
+    ctx.Call("snapshot.complete", Json{{"set_id", m.snapshot_set_id}});
   }
   PrintCreated(ctx, m, note);
   return kExitOk;
@@ -530,7 +534,8 @@ int VerifyCmd(Context& ctx, const ImageArgs& a) {
         d.error.find("missing") == std::string::npos)
       gone = (*r)->RemoveChunk(cid).ok();
     removed += gone;
-    dmg.push_back(Json{{"what", d.what}, {"error", d.error}, {"images", d.images}, {"removed", gone}});
+    dmg.push_back(
+        Json{{"what", d.what}, {"error", d.error}, {"images", d.images}, {"removed", gone}});
   }
   if (ctx.opt.json) {
     ctx.PrintJson(Json{{"images", rep->images},
@@ -553,8 +558,7 @@ int VerifyCmd(Context& ctx, const ImageArgs& a) {
                    "data stores them again\n";
     std::cout << (rep->damage.empty() ? "ok: " : "FAILED: ") << rep->images << " images, "
               << rep->chunks << " chunks (" << FormatBytes(rep->bytes) << ") checked"
-              << (rep->damage.empty() ? "" : ", " + std::to_string(rep->damage.size()) +
-                                                 " damaged")
+              << (rep->damage.empty() ? "" : ", " + std::to_string(rep->damage.size()) + " damaged")
               << "\n";
   }
   return rep->damage.empty() ? kExitOk : kExitFailure;
@@ -590,9 +594,9 @@ int RestoreCmd(Context& ctx, const ImageArgs& a) {
                        {"read_bytes", st->read_bytes},
                        {"seconds", st->seconds}});
   } else {
-    ctx.Note("restored image " + m->id + " to " + a.to + ": " +
-             std::to_string(st->written_chunks) + " of " + std::to_string(st->chunks) +
-             " chunks written (" + FormatBytes(st->written_bytes) + ")" +
+    ctx.Note("restored image " + m->id + " to " + a.to + ": " + std::to_string(st->written_chunks) +
+             " of " + std::to_string(st->chunks) + " chunks written (" +
+             FormatBytes(st->written_bytes) + ")" +
              (a.delta ? ", " + std::to_string(st->same_chunks) + " already equal" : "") + " in " +
              std::to_string(static_cast<int>(st->seconds * 10) / 10.0).substr(0, 5) + " s");
   }
@@ -627,7 +631,8 @@ int PruneCmd(Context& ctx, const ImageArgs& a) {
   if (k.keep_last < 0 || k.keep_daily < 0 || k.keep_weekly < 0 || k.keep_monthly < 0)
     return ctx.Usage("--keep-* values must not be negative");
   if (k.keep_last + k.keep_daily + k.keep_weekly + k.keep_monthly == 0)
-    return ctx.Usage("give at least one of --keep-last, --keep-daily, --keep-weekly, --keep-monthly");
+    return ctx.Usage(
+        "give at least one of --keep-last, --keep-daily, --keep-weekly, --keep-monthly");
   auto r = OpenRepo(ctx, a, false);
   if (!r.ok()) return FailStatus(ctx, r.status());
   auto lock = (*r)->store().Lock(false, true);
@@ -636,8 +641,9 @@ int PruneCmd(Context& ctx, const ImageArgs& a) {
   auto all = LoadAll(**r, &bad);
   if (!all.ok()) return FailStatus(ctx, all.status());
   if (!bad.empty())
-    return ctx.Fail("corruption", "cannot read image " + bad.front() +
-                                      "; prune needs every image's date (run 'umbra image verify')");
+    return ctx.Fail("corruption",
+                    "cannot read image " + bad.front() +
+                        "; prune needs every image's date (run 'umbra image verify')");
   std::vector<repo::Manifest> sel;
   for (auto& m : *all)
     if (a.volume.empty() || m.volume == a.volume) sel.push_back(m);
@@ -646,9 +652,11 @@ int PruneCmd(Context& ctx, const ImageArgs& a) {
     for (const auto& id : drop)
       if (Status s = (*r)->DeleteImage(id); !s.ok()) return FailStatus(ctx, s);
   if (ctx.opt.json) {
-    ctx.PrintJson(Json{{"deleted", drop}, {"kept", sel.size() - drop.size()}, {"dry_run", a.dry_run}});
+    ctx.PrintJson(
+        Json{{"deleted", drop}, {"kept", sel.size() - drop.size()}, {"dry_run", a.dry_run}});
   } else {
-    for (const auto& id : drop) ctx.Note((a.dry_run ? "would delete image " : "deleted image ") + id);
+    for (const auto& id : drop)
+      ctx.Note((a.dry_run ? "would delete image " : "deleted image ") + id);
     ctx.Note("kept " + std::to_string(sel.size() - drop.size()) + " images");
   }
   return kExitOk;
@@ -658,8 +666,7 @@ int PruneCmd(Context& ctx, const ImageArgs& a) {
 Result<Json> DaemonImageArgs(const ImageArgs& a) {
   const std::string dir = RepoDir(a);
   std::error_code ec;
-  if (!fs::is_directory(dir, ec))
-    return Status::NotFound("repository " + dir + " does not exist");
+  if (!fs::is_directory(dir, ec)) return Status::NotFound("repository " + dir + " does not exist");
   UMBRA_ASSIGN_OR_RETURN(std::string pass, Passphrase(a, IsEncrypted(dir), false));
   Json args{{"repo", AbsolutePath(dir)}, {"id", a.ids.front()}};
   if (!pass.empty()) args["passphrase"] = pass;
@@ -679,8 +686,8 @@ int MountCmd(Context& ctx, const ImageArgs& a) {
 
 int UnmountCmd(Context& ctx, const ImageArgs& a) {
   const std::string& what = a.ids.front();
-  Json args = what.find('/') != std::string::npos ? Json{{"dir", AbsolutePath(what)}}
-                                                   : Json{{"id", what}};
+  Json args =
+      what.find('/') != std::string::npos ? Json{{"dir", AbsolutePath(what)}} : Json{{"id", what}};
   return ctx.Run("image.unmount", args, [&](const Json&) { ctx.Note("unmounted " + what); });
 }
 
@@ -696,8 +703,9 @@ int ExportCmd(Context& ctx, const ImageArgs& a) {
 }
 
 int UnexportCmd(Context& ctx, const ImageArgs& a) {
-  return ctx.Run("image.unexport", Json{{"id", a.ids.front()}},
-                 [&](const Json& r) { ctx.Note("image " + Text(r, "image") + " no longer exported"); });
+  return ctx.Run("image.unexport", Json{{"id", a.ids.front()}}, [&](const Json& r) {
+    ctx.Note("image " + Text(r, "image") + " no longer exported");
+  });
 }
 
 int RepoInit(Context& ctx, const ImageArgs& a) {
@@ -749,17 +757,14 @@ int RepoInfo(Context& ctx, const ImageArgs& a) {
   auto chunks = (*r)->ListChunks();
   if (!ids.ok()) return FailStatus(ctx, ids.status());
   if (!chunks.ok()) return FailStatus(ctx, chunks.status());
-  Json j{{"repository", RepoDir(a)},
-         {"id", (*r)->id()},
-         {"chunk_size", (*r)->chunk_size()},
-         {"encrypted", (*r)->encrypted()},
-         {"images", ids->size()},
-         {"chunks", chunks->size()}};
+  Json j{
+      {"repository", RepoDir(a)},       {"id", (*r)->id()},      {"chunk_size", (*r)->chunk_size()},
+      {"encrypted", (*r)->encrypted()}, {"images", ids->size()}, {"chunks", chunks->size()}};
   if (ctx.opt.json) {
     ctx.PrintJson(j);
   } else {
-    std::cout << "repository  " << RepoDir(a) << "\nid          " << (*r)->id()
-              << "\nchunk size  " << FormatBytes((*r)->chunk_size()) << "\nencrypted   "
+    std::cout << "repository  " << RepoDir(a) << "\nid          " << (*r)->id() << "\nchunk size  "
+              << FormatBytes((*r)->chunk_size()) << "\nencrypted   "
               << ((*r)->encrypted() ? "yes" : "no") << "\nimages      " << ids->size()
               << "\nchunks      " << chunks->size() << "\n";
   }
@@ -822,9 +827,10 @@ void AddImageCommands(CLI::App& root, Context& ctx, Registry& reg) {
   }
   {
     auto a = std::make_shared<ImageArgs>();
-    CLI::App* c = AddCommand(g, "list", "List the images in a repository",
-                             "Lists images, oldest first, optionally only those of VOLUME.",
-                             {"umbra image list --repo /backup/umbra", "umbra --json image list db"});
+    CLI::App* c =
+        AddCommand(g, "list", "List the images in a repository",
+                   "Lists images, oldest first, optionally only those of VOLUME.",
+                   {"umbra image list --repo /backup/umbra", "umbra --json image list db"});
     c->add_option("VOLUME", a->volume, "Only images of this volume")->type_name("");
     RepoOptions(c, a.get());
     reg.Add(c, [&ctx, a] { return List(ctx, *a); });
@@ -837,7 +843,8 @@ void AddImageCommands(CLI::App& root, Context& ctx, Registry& reg) {
         "re-hashes it. Each damaged or missing chunk is reported with the images it affects.\n"
         "Exit status 1 if anything is damaged. --repair removes damaged chunk objects, so that\n"
         "the next image create of a volume still holding their data stores them again.",
-        {"umbra image verify --repo /backup/umbra", "umbra image verify 6740a1b2 --repo /backup/umbra"});
+        {"umbra image verify --repo /backup/umbra",
+         "umbra image verify 6740a1b2 --repo /backup/umbra"});
     c->add_option("ID", a->ids, "Image ids (or unique prefixes); default all")->type_name("");
     c->add_flag("--repair", a->repair, "Remove damaged chunk objects (see above)");
     RepoOptions(c, a.get());
@@ -882,7 +889,8 @@ void AddImageCommands(CLI::App& root, Context& ctx, Registry& reg) {
         {"umbra image prune --keep-last 3 --keep-daily 7 --keep-weekly 4 --repo /backup/umbra"});
     c->add_option("VOLUME", a->volume, "Only images of this volume")->type_name("");
     c->add_option("--keep-last", a->keep.keep_last, "Keep the N newest")->type_name("N");
-    c->add_option("--keep-daily", a->keep.keep_daily, "Keep one per day for N days")->type_name("N");
+    c->add_option("--keep-daily", a->keep.keep_daily, "Keep one per day for N days")
+        ->type_name("N");
     c->add_option("--keep-weekly", a->keep.keep_weekly, "Keep one per week for N weeks")
         ->type_name("N");
     c->add_option("--keep-monthly", a->keep.keep_monthly, "Keep one per month for N months")
@@ -950,7 +958,8 @@ void AddImageCommands(CLI::App& root, Context& ctx, Registry& reg) {
         rg, "init", "Create an image repository",
         "Creates an empty repository in DIR (missing or empty). --encrypt seals every chunk and\n"
         "manifest with AES-256-GCM under a key protected by the passphrase (scrypt).",
-        {"umbra repo init /backup/umbra", "UMBRA_PASSPHRASE=... umbra repo init /backup/secret --encrypt"});
+        {"umbra repo init /backup/umbra",
+         "UMBRA_PASSPHRASE=... umbra repo init /backup/secret --encrypt"});
     c->add_option("DIR", a->repo, "Repository directory")->type_name("");
     c->add_flag("--encrypt", a->encrypt, "Encrypt the repository");
     c->add_option("--chunk-size", a->chunk_size, "Chunk size, 64K to 16M (default 256K)")

@@ -3,6 +3,7 @@
 
 #include <CLI/CLI.hpp>
 #include <algorithm>
+#include <cstdio>
 #include <filesystem>
 #include <iostream>
 #include <memory>
@@ -71,6 +72,22 @@ int Create(Context& ctx, const SnapshotArgs& a) {
                   << Text(s, "id") << " of volume " << Text(s, "volume") << "\n";
       }
     }
+    if (ctx.opt.quiet) return;
+    const std::string w = Text(r, "writers", "none");
+    if (w == "consistent" && r.contains("writer_names") && r["writer_names"].is_array()) {
+      std::string names;
+      for (const Json& n : r["writer_names"])
+        if (n.is_string()) names += (names.empty() ? "" : ", ") + n.get<std::string>();
+      char window[32];
+      std::snprintf(window, sizeof window, "%.1f", r.value("freeze_window_ms", 0.0));
+      std::cout << "writers: consistent (" << (names.empty() ? "none registered" : names)
+                << "; frozen for " << window << " ms)\n";
+    } else if (w == "inconsistent" && r.contains("writers_failed") &&
+               r["writers_failed"].is_object()) {
+      for (const auto& [name, why] : r["writers_failed"].items())
+        ctx.Warn("the snapshot is not consistent for writer '" + name +
+                 "': " + (why.is_string() ? why.get<std::string>() : std::string("failed")));
+    }
   });
 }
 
@@ -86,15 +103,16 @@ int List(Context& ctx, const SnapshotArgs& a) {
       ctx.Note("no snapshots");
       return;
     }
-    Table t({"id", "volume", "seq", "name", "created", "type", "state", "own", "device", "mount"});
+    Table t({"id", "volume", "seq", "name", "created", "type", "state", "writers", "own", "device",
+             "mount"});
     t.AlignRight(2);
-    t.AlignRight(7);
+    t.AlignRight(8);
     for (const Json& s : snaps) {
       const bool persistent =
           s.contains("persistent") && s["persistent"].is_boolean() && s["persistent"].get<bool>();
       t.Row({Text(s, "id"), Text(s, "volume"), Text(s, "seq"), Text(s, "name"), Created(s),
-             persistent ? "persistent" : "auto-release", State(s), BytesText(s, "own_bytes"),
-             Text(s, "attached_device"), Text(s, "mount")});
+             persistent ? "persistent" : "auto-release", State(s), Text(s, "writers", "none"),
+             BytesText(s, "own_bytes"), Text(s, "attached_device"), Text(s, "mount")});
     }
     std::cout << t.Render();
     for (const Json& s : snaps)

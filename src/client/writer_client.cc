@@ -22,7 +22,8 @@ struct WriterClient::Impl {
   std::condition_variable cv;
   bool stopping = false;  // guarded by mu
   bool registered = false;
-  int fd = -1;  // the current connection, guarded by mu
+  bool was_registered = false;  // the last session got as far as registering
+  int fd = -1;                  // the current connection, guarded by mu
 
   void Log(const std::string& s) {
     if (opt.log) opt.log(s);
@@ -49,6 +50,7 @@ struct WriterClient::Impl {
     {
       std::lock_guard l(mu);
       registered = true;
+      was_registered = true;
     }
     cv.notify_all();
     Log("writer '" + opt.name + "' registered with umbrad");
@@ -99,11 +101,14 @@ struct WriterClient::Impl {
       Status s = Session();
       std::unique_lock l(mu);
       if (stopping) return;
+      // A session that was registered starts the backoff over: umbrad
+      // restarting should be followed quickly.
+      if (was_registered) backoff = std::chrono::milliseconds(100);
+      was_registered = false;
       Log("writer '" + opt.name + "': " + (s.ok() ? "connection ended" : s.message()) +
           "; retrying in " + std::to_string(backoff.count()) + " ms");
       cv.wait_for(l, backoff, [&] { return stopping; });
       backoff = std::min(backoff * 2, std::max(opt.max_backoff, std::chrono::milliseconds(100)));
-      if (s.ok()) backoff = std::chrono::milliseconds(100);
     }
   }
 };

@@ -5,6 +5,7 @@
 #include <signal.h>
 #include <spawn.h>
 #include <sys/ioctl.h>
+#include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -50,8 +51,11 @@ ThawGuard::~ThawGuard() { Release(); }
 Status ThawGuard::Arm(const std::string& exe, const std::vector<std::string>& mounts,
                       std::chrono::system_clock::time_point deadline) {
   Release();
+  // A socket pair rather than a pipe: writing to a guard that has exited
+  // must not raise SIGPIPE (send with MSG_NOSIGNAL).
   int p[2];
-  if (::pipe2(p, O_CLOEXEC) != 0) return Status::FromErrno(errno, "pipe for the thaw guard");
+  if (::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, p) != 0)
+    return Status::FromErrno(errno, "socket pair for the thaw guard");
   std::vector<std::string> args = {exe, "--thaw-guard", std::to_string(UnixMs(deadline))};
   args.insert(args.end(), mounts.begin(), mounts.end());
   std::vector<char*> argv;
@@ -81,7 +85,7 @@ Status ThawGuard::Arm(const std::string& exe, const std::vector<std::string>& mo
     return Status::FromErrno(rc, "start the thaw guard " + exe);
   }
   pid_ = pid;
-  pipe_fd_ = p[1];
+  sock_fd_ = p[1];
   return Status::Ok();
 }
 
@@ -95,11 +99,11 @@ bool ThawGuard::Alive() {
 }
 
 void ThawGuard::Release() {
-  if (pipe_fd_ >= 0) {
-    ssize_t ignored = ::write(pipe_fd_, "t", 1);
+  if (sock_fd_ >= 0) {
+    ssize_t ignored = ::send(sock_fd_, "t", 1, MSG_NOSIGNAL);
     (void)ignored;
-    ::close(pipe_fd_);
-    pipe_fd_ = -1;
+    ::close(sock_fd_);
+    sock_fd_ = -1;
   }
   if (pid_ > 0) {
     int st = 0;

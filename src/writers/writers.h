@@ -93,11 +93,11 @@ class ThawGuard {
 
  private:
   pid_t pid_ = -1;
-  int pipe_fd_ = -1;
+  int sock_fd_ = -1;
 };
 
 // Entry point of `umbrad --thaw-guard DEADLINE_UNIX_MS MOUNT...` (stdin is
-// the pipe from umbrad). Returns the exit code.
+// its end of a socket pair with umbrad). Returns the exit code.
 int ThawGuardMain(int argc, char** argv);
 
 // ---- hook-script writer --------------------------------------------------------

@@ -5,6 +5,7 @@
 #
 # CASE: pit_ext4 | pit_xfs | many | cap | kill9 | revert | bad_input | nbd_snapshot | nbd_live | image
 #       | writers | writers_kill9 (tests/system/writers_cases.sh)
+#       | writer_postgresql | writer_sqlite (tests/system/writers_app_cases.sh)
 # Each case starts its own umbrad in a fresh /var/tmp directory and removes
 # everything (mounts, loop devices, daemon, files) on exit, pass or fail.
 # Exit 0 pass, 1 fail, 77 skipped (not root / no FUSE / no loop).
@@ -50,6 +51,7 @@ stop_daemon() {
 
 cleanup() {
   set +e
+  declare -F writers_app_cleanup >/dev/null && writers_app_cleanup
   for p in "${bg_pids[@]}"; do kill "$p" 2>/dev/null; wait "$p" 2>/dev/null; done
   for m in "${mounts[@]}"; do fsfreeze -u "$m" 2>/dev/null; done
   # Unmount our filesystems (not umbrad's FUSE export: it still serves the
@@ -794,6 +796,8 @@ PY
 
 # shellcheck source=writers_cases.sh
 source "$(dirname "${BASH_SOURCE[0]}")/writers_cases.sh"
+# shellcheck source=writers_app_cases.sh
+source "$(dirname "${BASH_SOURCE[0]}")/writers_app_cases.sh"
 
 case "$case_name" in
   pit_ext4) case_pit ext4 ;;
@@ -808,5 +812,7 @@ case "$case_name" in
   image) case_image ;;
   writers) case_writers ;;
   writers_kill9) case_writers_kill9 ;;
+  writer_postgresql) case_writer_postgresql ;;
+  writer_sqlite) case_writer_sqlite ;;
   *) echo "unknown case $case_name"; exit 2 ;;
 esac
