@@ -82,7 +82,8 @@ TEST(ConfigTest, ReadsKeysAndRejectsBadOnes) {
   const std::string path = d.path() + "/umbrad.toml";
   Write(path,
         "state_dir = \"/srv/umbra\"\nsocket = \"/run/u.sock\"\nfuse_dir = \"/run/u\"\n"
-        "admin_group = \"umbra\"\ncopy_timeout_ms = 2500\norigin_cache = \"direct\"\n");
+        "admin_group = \"umbra\"\ncopy_timeout_ms = 2500\norigin_cache = \"direct\"\n"
+        "writers_dir = \"/srv/hooks\"\nprepare_timeout_ms = 1500\nfreeze_window_ms = 700\n");
   Config cfg;
   ASSERT_TRUE(LoadConfigFile(path, &cfg).ok());
   EXPECT_EQ(cfg.state_dir, "/srv/umbra");
@@ -91,10 +92,14 @@ TEST(ConfigTest, ReadsKeysAndRejectsBadOnes) {
   EXPECT_EQ(cfg.admin_group, "umbra");
   EXPECT_EQ(cfg.copy_timeout_ms, 2500u);
   EXPECT_EQ(cfg.origin_cache, "direct");
+  EXPECT_EQ(cfg.writers_dir, "/srv/hooks");
+  EXPECT_EQ(cfg.prepare_timeout_ms, 1500u);
+  EXPECT_EQ(cfg.freeze_window_ms, 700u);
   EXPECT_EQ(Config().origin_cache, "writeback");
   for (const char* text :
        {"statedir = \"/x\"\n", "copy_timeout_ms = \"soon\"\n", "copy_timeout_ms = 0\n",
-        "socket = 5\n", "state_dir = \n", "origin_cache = \"none\"\n", "origin_cache = 1\n"}) {
+        "socket = 5\n", "state_dir = \n", "origin_cache = \"none\"\n", "origin_cache = 1\n",
+        "freeze_window_ms = 0\n", "prepare_timeout_ms = -5\n", "writers_dir = 3\n"}) {
     Write(path, text);
     Config c;
     Status s = LoadConfigFile(path, &c);
