@@ -195,9 +195,22 @@ EOF
   out=$("$bin/umbra" snapshot create v 2>&1) && fail "a second snapshot of a volume in preparation was not refused"
   [[ $out == *"in preparation"* ]] || fail "busy error unclear: $out"
   wait "$c1" || fail "the first snapshot failed: $(cat "$work/c1.out")"
+
+  # 9. The requester vanishes mid-sequence (kill -9 while S holds its
+  # freeze): the sequence still ends within its bound, nothing stays frozen
+  # or busy.
+  "$bin/umbra" snapshot create v >/dev/null 2>&1 &
+  c1=$!
+  sleep 0.5
+  kill -KILL "$c1"
+  wait "$c1" 2>/dev/null
+  sleep 2
+  fs_writable "$mnt" || fail "the filesystem stayed frozen after the requester vanished"
+  [[ $(writer_field S state) != frozen ]] || fail "writer S left frozen after the requester vanished"
+  umbra snapshot create v >/dev/null || fail "snapshot create after a vanished requester"
   kill "${writer_pids[-1]}"
 
-  # 9. Library writers reconnect after umbrad restarts; the failed ones that
+  # 10. Library writers reconnect after umbrad restarts; the failed ones that
   # are gone are not listed any more, and the snapshot keeps its status.
   stop_load
   umount "$mnt" || fail "umount"
