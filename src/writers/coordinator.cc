@@ -286,8 +286,9 @@ Result<Outcome> Coordinator::Run(const Request& req, const std::function<Status(
   const Clock::time_point window_deadline = window_start + bounds_.freeze_window;
   const auto wall_deadline = std::chrono::system_clock::now() + bounds_.freeze_window;
   for (size_t i = 0; i < parts.size(); ++i) {
-    Status s = Deliver(parts[i], Event::kFreeze, ctx, window_deadline);
     freeze_sent = i + 1;
+    if (failed_parts.count(i)) continue;  // failed in prepare (failures ignored)
+    Status s = Deliver(parts[i], Event::kFreeze, ctx, window_deadline);
     if (!s.ok() && failed(i, parts[i].name, s)) return abort_status(parts[i].name, s);
   }
   if (!req.mounts.empty()) {
