@@ -3,7 +3,6 @@
 #include <linux/fs.h>
 #include <poll.h>
 #include <signal.h>
-#include <spawn.h>
 #include <sys/ioctl.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
@@ -16,9 +15,8 @@
 #include <string>
 #include <vector>
 
+#include "writers/spawn.h"
 #include "writers/writers.h"
-
-extern char** environ;
 
 namespace umbra::writers {
 namespace {
@@ -58,27 +56,8 @@ Status ThawGuard::Arm(const std::string& exe, const std::vector<std::string>& mo
     return Status::FromErrno(errno, "socket pair for the thaw guard");
   std::vector<std::string> args = {exe, "--thaw-guard", std::to_string(UnixMs(deadline))};
   args.insert(args.end(), mounts.begin(), mounts.end());
-  std::vector<char*> argv;
-  for (std::string& a : args) argv.push_back(a.data());
-  argv.push_back(nullptr);
-
-  posix_spawn_file_actions_t fa;
-  posix_spawnattr_t attr;
-  ::posix_spawn_file_actions_init(&fa);
-  ::posix_spawn_file_actions_adddup2(&fa, p[0], 0);
-  ::posix_spawnattr_init(&attr);
-  sigset_t none, all;
-  sigemptyset(&none);
-  sigfillset(&all);
-  ::posix_spawnattr_setsigmask(&attr, &none);
-  ::posix_spawnattr_setsigdefault(&attr, &all);
-  // Its own session: signals to umbrad's process group do not reach it.
-  ::posix_spawnattr_setflags(&attr,
-                             POSIX_SPAWN_SETSID | POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF);
   pid_t pid = -1;
-  int rc = ::posix_spawn(&pid, exe.c_str(), &fa, &attr, argv.data(), environ);
-  ::posix_spawn_file_actions_destroy(&fa);
-  ::posix_spawnattr_destroy(&attr);
+  int rc = Spawn(args, nullptr, p[0], Detach::kNewSession, &pid);
   ::close(p[0]);
   if (rc != 0) {
     ::close(p[1]);

@@ -4,7 +4,6 @@
 #include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
-#include <spawn.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
@@ -17,6 +16,7 @@
 #include <string>
 #include <vector>
 
+#include "writers/spawn.h"
 #include "writers/writers.h"
 
 extern char** environ;
@@ -84,29 +84,9 @@ Status RunHook(const std::string& path, const std::string& arg, const EventConte
       env.emplace_back(*e);
   env.push_back("UMBRA_SNAPSHOT_SET=" + ctx.set_id);
   env.push_back("UMBRA_VOLUMES=" + Join(ctx.volumes));
-  std::vector<char*> envp;
-  for (std::string& s : env) envp.push_back(s.data());
-  envp.push_back(nullptr);
-  std::string p = path, a = arg;
-  char* argv[] = {p.data(), a.data(), nullptr};
-
-  posix_spawn_file_actions_t fa;
-  posix_spawnattr_t attr;
-  ::posix_spawn_file_actions_init(&fa);
-  ::posix_spawn_file_actions_addopen(&fa, 0, "/dev/null", O_RDONLY, 0);
-  ::posix_spawnattr_init(&attr);
-  sigset_t none, all;
-  sigemptyset(&none);
-  sigfillset(&all);
-  ::posix_spawnattr_setsigmask(&attr, &none);
-  ::posix_spawnattr_setsigdefault(&attr, &all);
-  ::posix_spawnattr_setpgroup(&attr, 0);  // its own group: killed as one at the bound
-  ::posix_spawnattr_setflags(
-      &attr, POSIX_SPAWN_SETPGROUP | POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF);
+  // Its own process group: killed as one at the bound.
   pid_t pid = -1;
-  int rc = ::posix_spawn(&pid, p.c_str(), &fa, &attr, argv, envp.data());
-  ::posix_spawn_file_actions_destroy(&fa);
-  ::posix_spawnattr_destroy(&attr);
+  int rc = Spawn({path, arg}, &env, -1, Detach::kNewProcessGroup, &pid);
   if (rc != 0) return Status::FromErrno(rc, "run " + path);
 
   int pidfd = static_cast<int>(::syscall(SYS_pidfd_open, pid, 0));
