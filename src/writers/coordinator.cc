@@ -67,6 +67,25 @@ class HookWriter final : public Writer {
   const std::string path_;
 };
 
+// A writer's state once it has answered `e`. Hooks see no post-snapshot or
+// completion: they are stable once thawed.
+State StateAfter(Event e, bool hook) {
+  switch (e) {
+    case Event::kPrepare:
+      return State::kWaitingForFreeze;
+    case Event::kFreeze:
+      return State::kFrozen;
+    case Event::kThaw:
+      return hook ? State::kStable : State::kWaitingForCompletion;
+    case Event::kPostSnapshot:
+      return State::kWaitingForCompletion;
+    case Event::kBackupComplete:
+    case Event::kAbort:
+      return State::kStable;
+  }
+  return State::kStable;
+}
+
 WriterStatus Fresh(const std::string& name, const std::string& kind) {
   WriterStatus w;
   w.name = name;
@@ -139,31 +158,8 @@ void Coordinator::Mark(const std::string& name, const std::string& kind, State s
 Status Coordinator::Deliver(Participant& p, Event e, const EventContext& ctx,
                             Clock::time_point deadline) {
   Status s = p.writer->Deliver(e, ctx, deadline);
-  State next = State::kStable;
-  switch (e) {
-    case Event::kPrepare:
-      next = State::kWaitingForFreeze;
-      break;
-    case Event::kFreeze:
-      next = State::kFrozen;
-      break;
-    case Event::kThaw:
-      next = State::kWaitingForCompletion;
-      break;
-    case Event::kPostSnapshot:
-      next = State::kWaitingForCompletion;
-      break;
-    case Event::kBackupComplete:
-      next = State::kStable;
-      break;
-    case Event::kAbort:
-      next = State::kStable;
-      break;
-  }
-  // Hooks see no post-snapshot or completion: they are stable once thawed.
-  if (p.writer->kind() == "hook" && e == Event::kThaw) next = State::kStable;
   if (s.ok()) {
-    Mark(p.name, p.writer->kind(), next, EventName(e), "");
+    Mark(p.name, p.writer->kind(), StateAfter(e, p.writer->kind() == "hook"), EventName(e), "");
   } else {
     Mark(p.name, p.writer->kind(), State::kFailed, EventName(e),
          std::string(EventName(e)) + ": " + s.message());
