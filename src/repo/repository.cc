@@ -130,14 +130,14 @@ Result<std::array<uint8_t, 32>> Kek(const std::string& passphrase, std::span<con
   return k;
 }
 
-Json ManifestJson(const Manifest& m) {
-  Json chunks = Json::array();
-  for (const ChunkId& c : m.chunks) {
-    if (c == kZeroChunk)
-      chunks.push_back(0);
-    else
-      chunks.push_back(ChunkIdHex(c));
-  }
+// Manifest version 2 (docs/format/repository.md 2.3): "UMBI", version,
+// header length, id length, entry count, JSON header, chunk table, SHA-256.
+constexpr char kManifestMagic[4] = {'U', 'M', 'B', 'I'};
+constexpr uint32_t kManifestVersion = 2;
+constexpr size_t kManifestFrame = 24;
+constexpr uint32_t kMaxManifestHeader = 1u << 20;
+
+Json ManifestHeaderJson(const Manifest& m, int version) {
   Json snapshot = nullptr;
   if (!m.snapshot_id.empty())
     snapshot = Json{{"id", m.snapshot_id},
@@ -146,7 +146,7 @@ Json ManifestJson(const Manifest& m) {
   Json tracking = nullptr;
   if (!m.tracking_id.empty()) tracking = Json{{"id", m.tracking_id}, {"epoch", m.tracking_epoch}};
   return Json{{"format", "umbra-image"},
-              {"version", 1},
+              {"version", version},
               {"id", m.id},
               {"repository", m.repository},
               {"volume", m.volume},
@@ -166,54 +166,129 @@ Json ManifestJson(const Manifest& m) {
                 {"reused", m.stats.reused_chunks},
                 {"zero", m.stats.zero_chunks},
                 {"stored", m.stats.stored_bytes},
-                {"seconds", m.stats.seconds}}},
-              {"chunks", chunks}};
+                {"seconds", m.stats.seconds}}}};
 }
 
-std::string Checksum(const Json& j) {
-  std::string body = j.dump();
-  ChunkId h = Sha256(AsBytes(body));
-  return Hex(h);
+// The header fields of either version into *m (chunks aside); throws on a
+// missing key or a wrong type, which the callers turn into corruption.
+void HeaderFrom(const Json& j, Manifest* m) {
+  m->id = j.at("id").get<std::string>();
+  m->repository = j.at("repository").get<std::string>();
+  m->volume = j.at("volume").get<std::string>();
+  m->volume_uuid = j.at("volume_uuid").get<std::string>();
+  m->size = j.at("size").get<uint64_t>();
+  m->chunk_size = j.at("chunk_size").get<uint32_t>();
+  m->created_unix_ns = j.at("created").get<uint64_t>();
+  m->source = j.at("source").get<std::string>();
+  if (const Json& s = j.at("snapshot"); !s.is_null()) {
+    m->snapshot_id = s.at("id").get<std::string>();
+    m->snapshot_set_id = s.at("set_id").get<std::string>();
+    m->snapshot_created_unix_ns = s.at("created").get<uint64_t>();
+  }
+  m->writers = j.at("writers").get<std::string>();
+  m->filesystem = j.at("filesystem").get<std::string>();
+  if (const Json& t = j.at("tracking"); !t.is_null()) {
+    m->tracking_id = t.at("id").get<std::string>();
+    m->tracking_epoch = t.at("epoch").get<uint64_t>();
+  }
+  if (!j.at("base").is_null()) m->base = j.at("base").get<std::string>();
+  const Json& st = j.at("stats");
+  m->stats.read_bytes = st.at("read").get<uint64_t>();
+  m->stats.new_chunks = st.at("new").get<uint64_t>();
+  m->stats.reused_chunks = st.at("reused").get<uint64_t>();
+  m->stats.zero_chunks = st.at("zero").get<uint64_t>();
+  m->stats.stored_bytes = st.at("stored").get<uint64_t>();
+  m->stats.seconds = st.at("seconds").get<double>();
 }
 
-Result<Manifest> ManifestFrom(const Json& j, const std::string& what) {
+void PutLe32(std::byte* p, uint32_t v) { std::memcpy(p, &v, 4); }
+void PutLe64(std::byte* p, uint64_t v) { std::memcpy(p, &v, 8); }
+uint32_t Le32(const std::byte* p) {
+  uint32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
+uint64_t Le64(const std::byte* p) {
+  uint64_t v;
+  std::memcpy(&v, p, 8);
+  return v;
+}
+
+std::vector<std::byte> EncodeManifest(const Manifest& m) {
+  const std::string header = ManifestHeaderJson(m, kManifestVersion).dump();
+  const size_t k = sizeof(ChunkId), c = m.chunks.size();
+  std::vector<std::byte> out(kManifestFrame + header.size() + k * c + 32);
+  std::byte* p = out.data();
+  std::memcpy(p, kManifestMagic, 4);
+  PutLe32(p + 4, kManifestVersion);
+  PutLe32(p + 8, static_cast<uint32_t>(header.size()));
+  PutLe32(p + 12, static_cast<uint32_t>(k));
+  PutLe64(p + 16, c);
+  std::memcpy(p + kManifestFrame, header.data(), header.size());
+  if (c > 0) std::memcpy(p + kManifestFrame + header.size(), m.chunks.data(), k * c);
+  const size_t body = out.size() - 32;
+  ChunkId sum = Sha256(std::span<const std::byte>(p, body));
+  std::memcpy(p + body, sum.data(), 32);
+  return out;
+}
+
+Result<Manifest> DecodeManifest(std::span<const std::byte> b, const std::string& what) {
+  auto bad = [&](const std::string& why) { return Status::Corruption(what + ": " + why); };
+  if (b.size() < kManifestFrame + 32) return bad("manifest too short");
+  if (std::memcmp(b.data(), kManifestMagic, 4) != 0) return bad("not an image manifest (bad magic)");
+  const uint32_t version = Le32(b.data() + 4), h = Le32(b.data() + 8), k = Le32(b.data() + 12);
+  const uint64_t c = Le64(b.data() + 16);
+  if (h > kMaxManifestHeader || k != sizeof(ChunkId) || c > b.size() / sizeof(ChunkId) ||
+      kManifestFrame + h + k * c + 32 != b.size())
+    return bad("manifest lengths do not add up");
+  const size_t body = b.size() - 32;
+  const ChunkId sum = Sha256(b.first(body));
+  if (std::memcmp(sum.data(), b.data() + body, sum.size()) != 0)
+    return bad("manifest checksum mismatch");
+  // Checked before the version: a damaged version is corruption, not a newer format.
+  if (version != kManifestVersion)
+    return Status::Unsupported(what + " is a version " + std::to_string(version) +
+                               " manifest; this umbra reads versions 1 and 2");
+  const char* hp = reinterpret_cast<const char*>(b.data() + kManifestFrame);
+  Json j = Json::parse(hp, hp + h, nullptr, false);
+  if (j.is_discarded() || !j.is_object()) return bad("manifest header is not JSON");
   Manifest m;
   try {
-    // Checksum first (docs section 2.3): a damaged "format" or "version" is
-    // corruption, not a manifest of another format.
+    if (j.at("format") != "umbra-image" || j.at("version") != kManifestVersion)
+      return bad("manifest header names another format");
+    HeaderFrom(j, &m);
+  } catch (const std::exception& e) {
+    return bad(std::string("malformed manifest header (") + e.what() + ")");
+  }
+  if (m.chunk_size == 0) return bad("chunk size 0");
+  if (c != m.chunk_count())
+    return bad("chunk table has " + std::to_string(c) + " entries, the size needs " +
+               std::to_string(m.chunk_count()));
+  m.chunks.resize(c);
+  if (c > 0) std::memcpy(m.chunks.data(), b.data() + kManifestFrame + h, k * c);
+  return m;
+}
+
+// Version 1: the whole manifest as JSON, hex chunk ids, hex checksum of the
+// JSON without "checksum" (read only; docs 2.3).
+Result<Manifest> DecodeManifestV1(std::span<const std::byte> b, const std::string& what) {
+  Json j = Json::parse(reinterpret_cast<const char*>(b.data()),
+                       reinterpret_cast<const char*>(b.data()) + b.size(), nullptr, false);
+  if (j.is_discarded() || !j.is_object())
+    return Status::Corruption(what + ": manifest is not JSON");
+  Manifest m;
+  try {
+    // Checksum first: a damaged "format" or "version" is corruption, not a
+    // manifest of another format.
     Json body = j;
     std::string sum = body.at("checksum").get<std::string>();
     body.erase("checksum");
-    if (Checksum(body) != sum) return Status::Corruption(what + ": manifest checksum mismatch");
+    const std::string text = body.dump();
+    if (Hex(Sha256(AsBytes(text))) != sum)
+      return Status::Corruption(what + ": manifest checksum mismatch");
     if (j.at("format") != "umbra-image" || j.at("version") != 1)
       return Status::Unsupported(what + " is not a version 1 Umbra image manifest");
-    m.id = j.at("id").get<std::string>();
-    m.repository = j.at("repository").get<std::string>();
-    m.volume = j.at("volume").get<std::string>();
-    m.volume_uuid = j.at("volume_uuid").get<std::string>();
-    m.size = j.at("size").get<uint64_t>();
-    m.chunk_size = j.at("chunk_size").get<uint32_t>();
-    m.created_unix_ns = j.at("created").get<uint64_t>();
-    m.source = j.at("source").get<std::string>();
-    if (const Json& s = j.at("snapshot"); !s.is_null()) {
-      m.snapshot_id = s.at("id").get<std::string>();
-      m.snapshot_set_id = s.at("set_id").get<std::string>();
-      m.snapshot_created_unix_ns = s.at("created").get<uint64_t>();
-    }
-    m.writers = j.at("writers").get<std::string>();
-    m.filesystem = j.at("filesystem").get<std::string>();
-    if (const Json& t = j.at("tracking"); !t.is_null()) {
-      m.tracking_id = t.at("id").get<std::string>();
-      m.tracking_epoch = t.at("epoch").get<uint64_t>();
-    }
-    if (!j.at("base").is_null()) m.base = j.at("base").get<std::string>();
-    const Json& st = j.at("stats");
-    m.stats.read_bytes = st.at("read").get<uint64_t>();
-    m.stats.new_chunks = st.at("new").get<uint64_t>();
-    m.stats.reused_chunks = st.at("reused").get<uint64_t>();
-    m.stats.zero_chunks = st.at("zero").get<uint64_t>();
-    m.stats.stored_bytes = st.at("stored").get<uint64_t>();
-    m.stats.seconds = st.at("seconds").get<double>();
+    HeaderFrom(j, &m);
     if (m.chunk_size == 0) return Status::Corruption(what + ": chunk size 0");
     const Json& cl = j.at("chunks");
     m.chunks.reserve(cl.size());
@@ -301,11 +376,8 @@ class RepositoryImpl final : public Repository {
     const std::string name = "images/" + m.id;
     UMBRA_ASSIGN_OR_RETURN(bool taken, store_->Exists(name));
     if (taken) return Status::AlreadyExists("image " + m.id + " already exists");
-    Json j = ManifestJson(m);
-    j["checksum"] = Checksum(j);
-    std::string text = j.dump();
     std::vector<std::byte> obj;
-    UMBRA_RETURN_IF_ERROR(Encode(AsBytes(text), "image:" + m.id, &obj));
+    UMBRA_RETURN_IF_ERROR(Encode(EncodeManifest(m), "image:" + m.id, &obj));
     UMBRA_RETURN_IF_ERROR(store_->SyncAll());  // rule 3.2: chunks first
     return store_->Put(name, obj, /*sync=*/true);
   }
@@ -317,12 +389,10 @@ class RepositoryImpl final : public Repository {
       return Status::NotFound("no image " + image_id + " in repository " + store_->location());
     UMBRA_RETURN_IF_ERROR(s);
     UMBRA_RETURN_IF_ERROR(Decode(obj, "image:" + image_id, "image " + image_id, &plain));
-    Json j = Json::parse(reinterpret_cast<const char*>(plain.data()),
-                         reinterpret_cast<const char*>(plain.data()) + plain.size(), nullptr,
-                         false);
-    if (j.is_discarded() || !j.is_object())
-      return Status::Corruption("image " + image_id + ": manifest is not JSON");
-    UMBRA_ASSIGN_OR_RETURN(Manifest m, ManifestFrom(j, "image " + image_id));
+    const std::string what = "image " + image_id;
+    auto decoded = !plain.empty() && plain[0] == std::byte{'{'} ? DecodeManifestV1(plain, what)
+                                                                 : DecodeManifest(plain, what);
+    UMBRA_ASSIGN_OR_RETURN(Manifest m, std::move(decoded));
     if (m.id != image_id)
       return Status::Corruption("image " + image_id + ": manifest names image " + m.id);
     if (m.repository != id_)

@@ -13,6 +13,11 @@
 #include <fstream>
 #include <thread>
 
+#include <zstd.h>
+
+#include <nlohmann/json.hpp>
+
+#include "base/checksum.h"
 #include "base/random.h"
 #include "system_util.h"
 #include "umbra/repo.h"
@@ -34,6 +39,41 @@ Bytes FromString(const std::string& s) {
   Bytes b(s.size());
   std::memcpy(b.data(), s.data(), s.size());
   return b;
+}
+
+// An object (docs 2.2) around `plain`: raw codec, no cipher.
+Bytes RawObject(const Bytes& plain) {
+  Bytes o(kObjectHeader + plain.size());
+  std::memcpy(o.data(), "UMBO", 4);
+  o[4] = std::byte{1};
+  const uint32_t n = static_cast<uint32_t>(plain.size());
+  std::memcpy(o.data() + 8, &n, 4);
+  std::memcpy(o.data() + 12, &n, 4);
+  const uint32_t crc = Crc32(std::span<const std::byte>(o.data(), 16));
+  std::memcpy(o.data() + 16, &crc, 4);
+  std::memcpy(o.data() + kObjectHeader, plain.data(), plain.size());
+  return o;
+}
+
+// The plain bytes of an object of a plain repository (raw or zstd).
+Bytes PlainOf(const Bytes& obj) {
+  uint32_t pn, mn;
+  std::memcpy(&pn, obj.data() + 8, 4);
+  std::memcpy(&mn, obj.data() + 12, 4);
+  Bytes plain(pn);
+  if (obj[5] == std::byte{0}) {
+    std::memcpy(plain.data(), obj.data() + kObjectHeader, pn);
+  } else {
+    size_t n = ZSTD_decompress(plain.data(), pn, obj.data() + kObjectHeader, mn);
+    EXPECT_EQ(n, pn);
+  }
+  return plain;
+}
+
+uint32_t Le32At(const Bytes& b, size_t off) {
+  uint32_t v;
+  std::memcpy(&v, b.data() + off, 4);
+  return v;
 }
 
 bool Contains(const Bytes& hay, std::span<const std::byte> needle) {
@@ -425,6 +465,111 @@ TEST_F(RepoTest, ManifestRoundTripsEveryField) {
 
   EXPECT_EQ(r->PutManifest(m).code(), Code::kAlreadyExists);
   EXPECT_EQ(r->GetManifest("0123456789abcdef").status().code(), Code::kNotFound);
+}
+
+// The bytes on disk follow docs/format/repository.md 2.3 (version 2).
+TEST_F(RepoTest, ManifestIsTheDocumentedVersion2Layout) {
+  auto r = Init();
+  ASSERT_NE(r, nullptr);
+  Manifest m = SampleManifest(*r, repo::NewImageId());
+  ASSERT_TRUE(r->PutManifest(m).ok());
+  const Bytes b = PlainOf(test_util::ReadBytes(dir_ + "/images/" + m.id));
+  ASSERT_GE(b.size(), 24u + 32u);
+  EXPECT_EQ(std::memcmp(b.data(), "UMBI", 4), 0);
+  EXPECT_EQ(Le32At(b, 4), 2u);
+  const uint32_t h = Le32At(b, 8);
+  EXPECT_EQ(Le32At(b, 12), 32u);
+  uint64_t c;
+  std::memcpy(&c, b.data() + 16, 8);
+  ASSERT_EQ(c, 6u);
+  ASSERT_EQ(b.size(), 24 + h + 32 * c + 32);
+  auto j = nlohmann::json::parse(reinterpret_cast<const char*>(b.data()) + 24,
+                                 reinterpret_cast<const char*>(b.data()) + 24 + h);
+  EXPECT_EQ(j.at("format"), "umbra-image");
+  EXPECT_EQ(j.at("version"), 2);
+  EXPECT_EQ(j.at("id"), m.id);
+  EXPECT_EQ(j.at("size"), m.size);
+  EXPECT_EQ(j.at("tracking").at("epoch"), 41);
+  EXPECT_FALSE(j.contains("chunks"));
+  EXPECT_FALSE(j.contains("checksum"));
+  for (uint64_t i = 0; i < c; ++i)
+    EXPECT_EQ(std::memcmp(b.data() + 24 + h + 32 * i, m.chunks[i].data(), 32), 0) << i;
+  // A zero chunk is 32 zero bytes; the checksum is SHA-256 of all before it
+  // (the id of a plain repository is SHA-256 too).
+  EXPECT_TRUE(std::all_of(b.begin() + 24 + h + 32, b.begin() + 24 + h + 64,
+                          [](std::byte x) { return x == std::byte{0}; }));
+  ChunkId sum = r->Hash(std::span<const std::byte>(b.data(), b.size() - 32));
+  EXPECT_EQ(std::memcmp(sum.data(), b.data() + b.size() - 32, 32), 0);
+}
+
+// Version 1 manifests (all JSON) written before 2026-11-30 are still read.
+TEST_F(RepoTest, Version1ManifestIsStillRead) {
+  auto r = Init();
+  ASSERT_NE(r, nullptr);
+  Manifest m = SampleManifest(*r, repo::NewImageId());
+  using Json = nlohmann::json;
+  Json chunks = Json::array();
+  for (const ChunkId& id : m.chunks)
+    chunks.push_back(id == repo::kZeroChunk ? Json(0) : Json(repo::ChunkIdHex(id)));
+  Json j{{"format", "umbra-image"}, {"version", 1}, {"id", m.id}, {"repository", m.repository},
+         {"volume", m.volume}, {"volume_uuid", m.volume_uuid}, {"size", m.size},
+         {"chunk_size", m.chunk_size}, {"created", m.created_unix_ns}, {"source", m.source},
+         {"snapshot", {{"id", m.snapshot_id}, {"set_id", m.snapshot_set_id},
+                       {"created", m.snapshot_created_unix_ns}}},
+         {"writers", m.writers}, {"filesystem", m.filesystem},
+         {"tracking", {{"id", m.tracking_id}, {"epoch", m.tracking_epoch}}}, {"base", m.base},
+         {"stats", {{"read", m.stats.read_bytes}, {"new", m.stats.new_chunks},
+                    {"reused", m.stats.reused_chunks}, {"zero", m.stats.zero_chunks},
+                    {"stored", m.stats.stored_bytes}, {"seconds", m.stats.seconds}}},
+         {"chunks", chunks}};
+  const std::string body = j.dump();
+  j["checksum"] = repo::ChunkIdHex(r->Hash(FromString(body)));
+  fs::create_directories(dir_ + "/images");
+  test_util::WriteBytes(dir_ + "/images/" + m.id, RawObject(FromString(j.dump())));
+  auto got = r->GetManifest(m.id);
+  ASSERT_TRUE(got.ok()) << got.status().ToString();
+  ExpectSameManifest(*got, m);
+
+  // Its checksum is still checked.
+  j["volume"] = "other";
+  test_util::WriteBytes(dir_ + "/images/" + m.id, RawObject(FromString(j.dump())));
+  EXPECT_EQ(r->GetManifest(m.id).status().code(), Code::kCorruption);
+}
+
+// A newer manifest version with a good checksum is refused as unsupported,
+// not as damage; lengths that do not add up are damage.
+TEST_F(RepoTest, NewerOrMisframedVersion2Manifest) {
+  auto r = Init();
+  ASSERT_NE(r, nullptr);
+  Manifest m = SampleManifest(*r, repo::NewImageId());
+  ASSERT_TRUE(r->PutManifest(m).ok());
+  const std::string path = dir_ + "/images/" + m.id;
+  const Bytes good = PlainOf(test_util::ReadBytes(path));
+  auto reseal = [&](Bytes b) {
+    ChunkId sum = r->Hash(std::span<const std::byte>(b.data(), b.size() - 32));
+    std::memcpy(b.data() + b.size() - 32, sum.data(), 32);
+    return b;
+  };
+  Bytes newer = good;
+  ASSERT_GT(newer.size(), 56u);
+  newer.at(4) = std::byte{3};
+  test_util::WriteBytes(path, RawObject(reseal(newer)));
+  auto got = r->GetManifest(m.id);
+  EXPECT_EQ(got.status().code(), Code::kUnsupported) << got.status().ToString();
+  EXPECT_NE(got.status().message().find("version 3"), std::string::npos);
+
+  Bytes more = good;  // one entry more than the size needs
+  uint64_t c = 7;
+  std::memcpy(more.data() + 16, &c, 8);
+  more.insert(more.end() - 32, 32, std::byte{0});
+  test_util::WriteBytes(path, RawObject(reseal(more)));
+  got = r->GetManifest(m.id);
+  EXPECT_EQ(got.status().code(), Code::kCorruption);
+  EXPECT_NE(got.status().message().find("entries"), std::string::npos) << got.status().message();
+
+  Bytes shorter(good.begin(), good.end() - 1);
+  test_util::WriteBytes(path, RawObject(shorter));
+  EXPECT_EQ(r->GetManifest(m.id).status().code(), Code::kCorruption);
 }
 
 TEST_F(RepoTest, ManifestWithWrongChunkCountIsRejected) {
