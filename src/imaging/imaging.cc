@@ -167,11 +167,9 @@ Status BuildImage(repo::Repository& repo, Source& src, const CreateOptions& opts
   std::mutex claim_mu;
   std::unordered_set<ChunkId, IdHash> claimed;  // ids this image stores or found stored
   std::unordered_set<ChunkId, IdHash> pending;  // claimed, PutChunk not finished yet
-  auto init = [&](int w) -> Status {
-    UMBRA_ASSIGN_OR_RETURN(readers[w], src.NewReader());
-    bufs[w].resize(cs);
-    return Status::Ok();
-  };
+  // A worker connects its reader at its first read: an incremental image
+  // with few changed chunks does not pay for connections it never uses.
+  auto init = [&](int) -> Status { return Status::Ok(); };
   auto work = [&](uint64_t i, int w) -> Status {
     const uint64_t off = i * cs, len = std::min(cs, m->size - off);
     thread_local std::vector<Range> parts;
@@ -206,6 +204,10 @@ Status BuildImage(repo::Repository& repo, Source& src, const CreateOptions& opts
       m->chunks[i] = b;
       ++reused;
       return finish();
+    }
+    if (!readers[w]) {
+      UMBRA_ASSIGN_OR_RETURN(readers[w], src.NewReader());
+      bufs[w].resize(cs);
     }
     std::span<std::byte> buf(bufs[w].data(), len);
     std::memset(buf.data(), 0, len);
