@@ -85,10 +85,20 @@ start_load() {
   bg_pids+=("$load_pid")
 }
 stop_load() {
-  kill "$load_pid" 2>/dev/null
+  # The loop's current head/dd would outlive its shell and keep the
+  # filesystem busy for umount: stop the shell, then end it and its child.
+  local kids=""
+  if kill -STOP "$load_pid" 2>/dev/null; then
+    kids=$(pgrep -P "$load_pid")
+    kill -KILL "$load_pid" 2>/dev/null
+    [[ -n $kids ]] && kill -TERM $kids 2>/dev/null
+  fi
   wait "$load_pid" 2>/dev/null
   local rc=$?
-  # 143 = killed by our TERM; 3 = a write failed (the filesystem saw an I/O error).
+  for k in $kids; do
+    for _ in $(seq 50); do kill -0 "$k" 2>/dev/null || break; sleep 0.1; done
+  done
+  # 137 = killed by us; 3 = a write failed (the filesystem saw an I/O error).
   [[ $rc -eq 3 ]] && fail "the writer saw an I/O error"
   return 0
 }
