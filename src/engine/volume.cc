@@ -306,13 +306,6 @@ Result<std::unique_ptr<VolumeImpl>> Construct(Env* env, VolumeConfig& cfg, bool 
     UMBRA_ASSIGN_OR_RETURN(data, env->Open(cfg.shadow_dir + "/" + kDataName, OpenMode::kReadWrite));
   }
   auto v = std::make_unique<VolumeImpl>(env, cfg, uuid, size, std::move(origin), std::move(data));
-  if (!cfg.direct_io) {
-    // Snapshot readers (imaging, exports) read each chunk once: past the page
-    // cache they neither evict the live workload's cache nor pay for filling
-    // it (docs/benchmarks.md, imaging). Without O_DIRECT they use origin_.
-    auto bulk = env->Open(cfg.origin_path, OpenMode::kReadOnly, /*direct=*/true);
-    if (bulk.ok()) v->set_origin_bulk(std::move(*bulk));
-  }
   if (fresh && !create) {
     UMBRA_RETURN_IF_ERROR(v->InitNew());
     env->Remove(cfg.shadow_dir + "/" + kCheckpointFailedName).IgnoreError();
@@ -336,16 +329,6 @@ Status VolumeImpl::OriginRead(uint64_t off, std::span<std::byte> buf) {
     UMBRA_RETURN_IF_ERROR(s);
   }
   return Status::Ok();
-}
-
-Status VolumeImpl::OriginReadBulk(uint64_t off, std::span<std::byte> buf) {
-  // O_DIRECT reads flush dirty page-cache pages of the range first, so they
-  // see the live volume's buffered writes; the caller holds the chunks'
-  // stripes, so no copy-before-write can change them meanwhile.
-  if (origin_bulk_ && Aligned(off) && Aligned(buf.size()) &&
-      reinterpret_cast<uintptr_t>(buf.data()) % kDirectAlign == 0)
-    return origin_bulk_->ReadAt(off, buf);
-  return OriginRead(off, buf);
 }
 
 Status VolumeImpl::OriginWrite(uint64_t off, std::span<const std::byte> buf) {
@@ -1093,7 +1076,7 @@ Status VolumeImpl::ReadSnapshot(const std::string& id, uint64_t off, std::span<s
         uint64_t j = i + 1;
         while (j < nc && srcs[j] == kOrigin) ++j;
         const uint64_t run_end = std::min<uint64_t>((c0 + j) << shift_, off + buf.size());
-        UMBRA_RETURN_IF_ERROR(OriginReadBulk(from, buf.subspan(pos, run_end - from)));
+        UMBRA_RETURN_IF_ERROR(OriginRead(from, buf.subspan(pos, run_end - from)));
         pos += run_end - from;
         i = j;
         continue;

@@ -121,10 +121,6 @@ class VolumeImpl final : public Volume {
   Status SyncJournal(uint64_t lsn);
   Status DeleteSnapshotLocked(const std::string& id);  // admin_mu_ held
   std::string uuid_text() const { return cfg_.uuid; }
-  // A read-only O_DIRECT handle of the origin for snapshot reads (see
-  // ReadSnapshot); null when the origin is already direct or the filesystem
-  // refuses O_DIRECT.
-  void set_origin_bulk(std::unique_ptr<File> f) { origin_bulk_ = std::move(f); }
 
  private:
   uint64_t ChunkOf(uint64_t off) const { return off >> shift_; }
@@ -140,9 +136,6 @@ class VolumeImpl final : public Volume {
 
   // Origin I/O honouring O_DIRECT alignment (bounces unaligned buffers).
   Status OriginRead(uint64_t off, std::span<std::byte> buf);
-  // Snapshot reads of origin data: through origin_bulk_ when offset, length
-  // and buffer are 4096-aligned, else OriginRead.
-  Status OriginReadBulk(uint64_t off, std::span<std::byte> buf);
   Status OriginWrite(uint64_t off, std::span<const std::byte> buf);
 
   // Copy-on-write for chunks [c0, c1] (stripes held exclusively).
@@ -181,7 +174,6 @@ class VolumeImpl final : public Volume {
   uint64_t size_;
   uint32_t shift_;
   std::unique_ptr<File> origin_;
-  std::unique_ptr<File> origin_bulk_;
   std::unique_ptr<File> data_;
   BufferPool pool_;      // one chunk
   BufferPool run_pool_;  // runs of chunks up to 1 MiB

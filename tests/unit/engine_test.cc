@@ -1,10 +1,7 @@
 // Functional tests of the snapshot engine (on MemEnv unless stated).
 #include <gtest/gtest.h>
 
-#include <cstdlib>
-#include <cstring>
 #include <filesystem>
-#include <fstream>
 #include <thread>
 
 #include "engine/format.h"
@@ -445,71 +442,6 @@ TEST(EnginePosixTest, FileBackedVolumeRoundTrip) {
   auto v = Volume::Open(env, c);
   ASSERT_TRUE(v.ok()) << v.status().ToString();
   EXPECT_TRUE(SnapshotEquals(**v, id, base));
-}
-
-// Bytes this process has made the disk read (O_DIRECT reads count; reads
-// served by the page cache do not).
-uint64_t DiskReadBytes() {
-  std::ifstream io("/proc/self/io");
-  std::string key;
-  uint64_t v = 0;
-  while (io >> key >> v)
-    if (key == "read_bytes:") return v;
-  return 0;
-}
-
-// Snapshot reads of origin data go past the page cache when the buffer,
-// offset and length are 4096-aligned (the NBD export's are), and still see
-// the live volume's writes that only the page cache holds so far.
-TEST(EnginePosixTest, AlignedSnapshotReadsBypassThePageCacheAndSeeUnflushedWrites) {
-  namespace fs = std::filesystem;
-  fs::path dir = fs::temp_directory_path() / ("umbra-engine-test-" + NewUuid());
-  fs::create_directories(dir);
-  struct Cleanup {
-    fs::path d;
-    ~Cleanup() { fs::remove_all(d); }
-  } cleanup{dir};
-  Env* env = DefaultEnv();
-  constexpr uint64_t kVol = 8 << 20;
-  {
-    auto f = env->Open((dir / "vol.img").string(), OpenMode::kCreate);
-    ASSERT_TRUE(f.ok());
-    ASSERT_TRUE((*f)->Truncate(kVol).ok());
-  }
-  VolumeConfig c;
-  c.origin_path = (dir / "vol.img").string();
-  c.shadow_dir = (dir / "shadow").string();
-  auto v = Volume::Create(env, c);
-  ASSERT_TRUE(v.ok()) << v.status().ToString();
-  Rng rng(11);
-  const Bytes a = RandomBytes(rng, kVol);
-  ASSERT_TRUE((*v)->Write(0, a).ok());  // in the page cache only: no Flush
-  auto snap = (*v)->CreateSnapshot({false, "bulk", ""});
-  ASSERT_TRUE(snap.ok());
-
-  std::unique_ptr<std::byte, decltype(&std::free)> mem(
-      static_cast<std::byte*>(std::aligned_alloc(4096, kVol)), &std::free);
-  ASSERT_NE(mem, nullptr);
-  std::span<std::byte> buf(mem.get(), kVol);
-  const uint64_t before = DiskReadBytes();
-  ASSERT_TRUE((*v)->ReadSnapshot(snap->id, 0, buf).ok());
-  EXPECT_EQ(std::memcmp(buf.data(), a.data(), kVol), 0);
-  // The data was cached (just written), yet the disk was read: O_DIRECT.
-  EXPECT_GE(DiskReadBytes() - before, kVol);
-
-  // After overwrites (copies to shadow storage), aligned and unaligned
-  // reads of the snapshot are still the old bytes.
-  const Bytes b = RandomBytes(rng, kVol / 2);
-  ASSERT_TRUE((*v)->Write(kVol / 4, b).ok());
-  ASSERT_TRUE((*v)->ReadSnapshot(snap->id, 0, buf).ok());
-  EXPECT_EQ(std::memcmp(buf.data(), a.data(), kVol), 0);
-  EXPECT_TRUE(SnapshotEquals(**v, snap->id, a));
-  Bytes odd(12345);
-  ASSERT_TRUE((*v)->ReadSnapshot(snap->id, 4097, odd).ok());
-  EXPECT_EQ(std::memcmp(odd.data(), a.data() + 4097, odd.size()), 0);
-  Bytes live(kVol / 2);
-  ASSERT_TRUE((*v)->Read(kVol / 4, live).ok());
-  EXPECT_EQ(live, b);
 }
 
 }  // namespace

@@ -203,16 +203,7 @@ class Session {
   std::unique_ptr<Export> export_;
   uint64_t size_ = 0;
   bool read_only_ = false;
-  // Room for a reply header, then the payload at a 4096-aligned address, so
-  // that aligned reads can go straight to O_DIRECT files (snapshot reads).
-  std::byte* Payload(size_t len) {
-    constexpr size_t kHeaderRoom = 32, kAlign = 4096;
-    if (buf_.size() < kHeaderRoom + kAlign + len) buf_.resize(kHeaderRoom + kAlign + len);
-    const auto at = reinterpret_cast<uintptr_t>(buf_.data()) + kHeaderRoom;
-    return buf_.data() + ((at + kAlign - 1) / kAlign * kAlign -
-                          reinterpret_cast<uintptr_t>(buf_.data()));
-  }
-  std::vector<std::byte> buf_;  // see Payload()
+  std::vector<std::byte> buf_;  // reply header room + payload
 };
 
 std::string Session::Run() {
@@ -439,6 +430,7 @@ bool Session::ErrorReply(uint64_t cookie, uint32_t error, bool structured_chunk)
 
 std::string Session::Transmit() {
   BlockDevice& dev = export_->device();
+  constexpr size_t kRoom = 32;  // reply header written in front of the data
   for (;;) {
     std::byte h[28];
     if (!ch_.Read(h, sizeof(h))) return "client disconnected";
@@ -452,7 +444,8 @@ std::string Session::Transmit() {
     if (type == kCmdWrite) {
       // The payload follows the header whatever we think of the request.
       if (len > limits_.max_request) return "write payload larger than the maximum";
-      if (len > 0 && !ch_.Read(Payload(len), len)) return "client disconnected mid-write";
+      if (buf_.size() < kRoom + len) buf_.resize(kRoom + len);
+      if (len > 0 && !ch_.Read(buf_.data() + kRoom, len)) return "client disconnected mid-write";
     }
     if (type == kCmdDisc) return "client disconnected (NBD_CMD_DISC)";
 
@@ -475,8 +468,8 @@ std::string Session::Transmit() {
             sent = fail(kEINVAL);
             break;
           }
-          std::byte* data = Payload(len);
-          Status s = dev.Read(off, std::span(data, len));
+          if (buf_.size() < kRoom + len) buf_.resize(kRoom + len);
+          Status s = dev.Read(off, std::span(buf_.data() + kRoom, len));
           if (!s.ok()) {
             sent = fail(WireError(s));
             break;
@@ -494,13 +487,13 @@ std::string Session::Transmit() {
             Put32(hdr, 0);
             Put64(hdr, cookie);
           }
-          std::byte* start = data - hdr.size();
+          std::byte* start = buf_.data() + kRoom - hdr.size();
           std::memcpy(start, hdr.data(), hdr.size());
           sent = ch_.Write(start, hdr.size() + len);
           break;
         }
         case kCmdWrite: {
-          Status s = dev.Write(off, std::span<const std::byte>(Payload(len), len),
+          Status s = dev.Write(off, std::span<const std::byte>(buf_.data() + kRoom, len),
                                (flags & kCmdFlagFua) != 0);
           sent = s.ok() ? SimpleReply(cookie, 0) : fail(WireError(s));
           break;
