@@ -161,4 +161,9 @@ class Repository {
 // A new image id: 8 hex digits of Unix seconds, 8 random (sorts by time).
 std::string NewImageId();
 
+// The most chunks one image can list: its manifest is an object of at most
+// 64 MiB (docs/format/repository.md 2.3), 32 bytes per chunk. About 2 million:
+// 512 GiB at 256 KiB chunks, 8 TiB at 4 MiB.
+uint64_t MaxImageChunks();
+
 }  // namespace umbra::repo

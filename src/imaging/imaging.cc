@@ -132,6 +132,13 @@ Status BuildImage(repo::Repository& repo, Source& src, const CreateOptions& opts
   m->size = src.size();
   m->chunk_size = static_cast<uint32_t>(cs);
   const uint64_t n = m->chunk_count();
+  if (n > repo::MaxImageChunks())
+    // Refused before reading anything: the manifest could not be stored.
+    return Status::InvalidArgument(
+        "a volume of " + std::to_string(m->size) + " bytes is " + std::to_string(n) +
+        " chunks of " + std::to_string(cs) + " bytes; one image lists at most " +
+        std::to_string(repo::MaxImageChunks()) +
+        " (use a repository with larger chunks: umbra repo init --chunk-size)");
   m->chunks.assign(n, kZeroChunk);
   const repo::Manifest* base = opts.base;
   if (base != nullptr && (base->size != m->size || base->chunk_size != cs)) base = nullptr;

@@ -373,6 +373,9 @@ class RepositoryImpl final : public Repository {
       return Status::InvalidArgument("manifest chunk list does not match its size");
     if (m.repository != id_)
       return Status::InvalidArgument("manifest names repository " + m.repository + ", not " + id_);
+    if (m.chunks.size() > MaxImageChunks())
+      return Status::InvalidArgument("an image lists at most " + std::to_string(MaxImageChunks()) +
+                                     " chunks; this one has " + std::to_string(m.chunks.size()));
     const std::string name = "images/" + m.id;
     UMBRA_ASSIGN_OR_RETURN(bool taken, store_->Exists(name));
     if (taken) return Status::AlreadyExists("image " + m.id + " already exists");
@@ -579,6 +582,10 @@ class RepositoryImpl final : public Repository {
 std::string ChunkIdHex(const ChunkId& id) { return Hex(id); }
 
 bool ParseChunkId(std::string_view hex, ChunkId& out) { return Unhex(hex, out); }
+
+uint64_t MaxImageChunks() {
+  return (kMaxPlain - kManifestFrame - kMaxManifestHeader - 32) / sizeof(ChunkId);
+}
 
 std::string NewImageId() {
   uint64_t secs = static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::seconds>(

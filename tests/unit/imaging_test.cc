@@ -438,6 +438,39 @@ TEST_F(ImagingTest, IncrementalBaseOfAnotherSizeIsIgnored) {
   EXPECT_TRUE(test_util::ReadBytes(Path("out")) == b.Content());
 }
 
+// A volume whose manifest could not be stored (more chunks than one image
+// lists) is refused before anything is read or stored.
+TEST_F(ImagingTest, VolumeTooLargeForOneManifestIsRefusedUpFront) {
+  const uint64_t size = (repo::MaxImageChunks() + 1) * kChunk;
+  {
+    std::ofstream f(Path("huge"));
+  }
+  fs::resize_file(Path("huge"), size);  // sparse
+  auto src = imaging::OpenFileSource(Path("huge"));
+  ASSERT_TRUE(src.ok()) << src.status().ToString();
+  Manifest m;
+  m.id = repo::NewImageId();
+  m.repository = repo_->id();
+  Status s = imaging::BuildImage(*repo_, **src, {}, &m);
+  ASSERT_EQ(s.code(), Code::kInvalidArgument) << s.ToString();
+  EXPECT_NE(s.message().find("larger chunks"), std::string::npos) << s.message();
+  EXPECT_TRUE(repo_->ListChunks()->empty());
+
+  // The repository refuses such a manifest too, rather than storing one it
+  // could not read back.
+  m.size = size;
+  m.chunk_size = kChunk;
+  m.chunks.assign(m.chunk_count(), repo::kZeroChunk);
+  EXPECT_EQ(repo_->PutManifest(m).code(), Code::kInvalidArgument);
+  EXPECT_TRUE(repo_->ListImages()->empty());
+  m.size = repo::MaxImageChunks() * kChunk;  // the largest that fits is stored and read back
+  m.chunks.assign(m.chunk_count(), repo::kZeroChunk);
+  ASSERT_TRUE(repo_->PutManifest(m).ok());
+  auto back = repo_->GetManifest(m.id);
+  ASSERT_TRUE(back.ok()) << back.status().ToString();
+  EXPECT_EQ(back->chunks.size(), repo::MaxImageChunks());
+}
+
 TEST_F(ImagingTest, RestoreRefusesSmallTargetAndDirectory) {
   Rng rng(8);
   Layout l{3 * kChunk + 7, {}};
