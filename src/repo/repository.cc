@@ -137,7 +137,7 @@ constexpr uint32_t kManifestVersion = 2;
 constexpr size_t kManifestFrame = 24;
 constexpr uint32_t kMaxManifestHeader = 1u << 20;
 
-Json ManifestHeaderJson(const Manifest& m, int version) {
+Json ManifestHeaderJson(const Manifest& m) {
   Json snapshot = nullptr;
   if (!m.snapshot_id.empty())
     snapshot = Json{{"id", m.snapshot_id},
@@ -146,7 +146,7 @@ Json ManifestHeaderJson(const Manifest& m, int version) {
   Json tracking = nullptr;
   if (!m.tracking_id.empty()) tracking = Json{{"id", m.tracking_id}, {"epoch", m.tracking_epoch}};
   return Json{{"format", "umbra-image"},
-              {"version", version},
+              {"version", kManifestVersion},
               {"id", m.id},
               {"repository", m.repository},
               {"volume", m.volume},
@@ -215,7 +215,7 @@ uint64_t Le64(const std::byte* p) {
 }
 
 std::vector<std::byte> EncodeManifest(const Manifest& m) {
-  const std::string header = ManifestHeaderJson(m, kManifestVersion).dump();
+  const std::string header = ManifestHeaderJson(m).dump();
   const size_t k = sizeof(ChunkId), c = m.chunks.size();
   std::vector<std::byte> out(kManifestFrame + header.size() + k * c + 32);
   std::byte* p = out.data();
