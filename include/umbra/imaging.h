@@ -76,8 +76,10 @@ struct ResumeRecord {
   uint64_t tracking_epoch = 0;
   Partial partial;
 };
+// Version 2 (binary); DecodeResume also reads version 1 (JSON). Corruption
+// for a damaged record, kUnsupported for a newer version.
 std::string EncodeResume(const ResumeRecord& r);
-Result<ResumeRecord> DecodeResume(const std::string& json);
+Result<ResumeRecord> DecodeResume(const std::string& data);
 
 struct CreateOptions {
   // Incremental: chunks outside `changed` are taken from `base` without

@@ -64,6 +64,7 @@ Result<std::unique_ptr<Store>> OpenDirStore(const std::string& dir, bool create)
 using ChunkId = std::array<uint8_t, 32>;
 inline constexpr ChunkId kZeroChunk{};  // manifest entry of an all-zero chunk
 std::string ChunkIdHex(const ChunkId& id);
+ChunkId Sha256(std::span<const std::byte> data);  // also the checksum of manifests and resume records
 bool ParseChunkId(std::string_view hex, ChunkId& out);
 
 struct ImageStats {
@@ -146,10 +147,11 @@ class Repository {
   virtual Result<Manifest> GetManifest(const std::string& image_id) = 0;
   virtual Result<std::vector<std::string>> ListImages() = 0;  // sorted = by creation time
   virtual Status DeleteImage(const std::string& image_id) = 0;
-  // Resume records (docs section 2.5): JSON text per volume, sealed like
-  // manifests. PutResume makes every stored chunk durable first (rule 3.7).
-  // GetResume: kNotFound if there is none.
-  virtual Status PutResume(const std::string& volume_uuid, const std::string& json) = 0;
+  // Resume records (docs section 2.5): opaque bytes per volume (encoded by
+  // imaging::EncodeResume), sealed like manifests. PutResume makes every
+  // stored chunk durable first (rule 3.7) and refuses a record larger than
+  // an object may be. GetResume: kNotFound if there is none.
+  virtual Status PutResume(const std::string& volume_uuid, const std::string& record) = 0;
   virtual Result<std::string> GetResume(const std::string& volume_uuid) = 0;
   virtual Status RemoveResume(const std::string& volume_uuid) = 0;
   virtual Result<std::vector<std::string>> ListResume() = 0;  // volume uuids

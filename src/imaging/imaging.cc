@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <bit>
 #include <chrono>
 #include <condition_variable>
 #include <cstring>
@@ -465,27 +466,28 @@ Result<VerifyReport> Verify(repo::Repository& repo, const std::vector<std::strin
   return rep;
 }
 
-std::string EncodeResume(const ResumeRecord& r) {
-  nlohmann::json chunks = nlohmann::json::array();
-  for (size_t i = 0; i < r.partial.chunks.size(); ++i) {
-    if (!r.partial.done[i])
-      chunks.push_back(nullptr);
-    else if (r.partial.chunks[i] == kZeroChunk)
-      chunks.push_back(0);
-    else
-      chunks.push_back(repo::ChunkIdHex(r.partial.chunks[i]));
-  }
-  return nlohmann::json{{"format", "umbra-resume"},
-                        {"version", 1},
-                        {"volume_uuid", r.volume_uuid},
-                        {"size", r.size},
-                        {"chunk_size", r.chunk_size},
-                        {"tracking", {{"id", r.tracking_id}, {"epoch", r.tracking_epoch}}},
-                        {"chunks", chunks}}
-      .dump();
+// Resume record version 2 (docs/format/repository.md 2.5): "UMBR", version,
+// header length, id length, chunk count; JSON header; done bitmap; the ids
+// of the done chunks; SHA-256 of all before.
+namespace {
+constexpr char kResumeMagic[4] = {'U', 'M', 'B', 'R'};
+constexpr uint32_t kResumeVersion = 2;
+constexpr size_t kResumeFrame = 24;
+constexpr size_t kMaxResumeHeader = 1u << 20;
+
+void PutLe(std::string& out, size_t at, uint64_t v, size_t n) {
+  for (size_t b = 0; b < n; ++b) out[at + b] = static_cast<char>((v >> (8 * b)) & 0xff);
+}
+uint64_t GetLe(std::string_view in, size_t at, size_t n) {
+  uint64_t v = 0;
+  for (size_t b = 0; b < n; ++b) v |= uint64_t{static_cast<uint8_t>(in[at + b])} << (8 * b);
+  return v;
+}
+std::span<const std::byte> Bytes(std::string_view s) {
+  return {reinterpret_cast<const std::byte*>(s.data()), s.size()};
 }
 
-Result<ResumeRecord> DecodeResume(const std::string& text) {
+Result<ResumeRecord> DecodeResumeV1(const std::string& text) {
   auto j = nlohmann::json::parse(text, nullptr, false);
   ResumeRecord r;
   try {
@@ -506,6 +508,93 @@ Result<ResumeRecord> DecodeResume(const std::string& text) {
     }
   } catch (const std::exception& e) {
     return Status::Corruption(std::string("malformed resume record: ") + e.what());
+  }
+  return r;
+}
+}  // namespace
+
+std::string EncodeResume(const ResumeRecord& r) {
+  const std::string header =
+      nlohmann::json{{"format", "umbra-resume"},
+                     {"version", kResumeVersion},
+                     {"volume_uuid", r.volume_uuid},
+                     {"size", r.size},
+                     {"chunk_size", r.chunk_size},
+                     {"tracking", {{"id", r.tracking_id}, {"epoch", r.tracking_epoch}}}}
+          .dump();
+  const size_t c = r.partial.chunks.size();
+  const size_t bitmap = (c + 7) / 8;
+  size_t d = 0;
+  for (size_t i = 0; i < c; ++i) d += r.partial.done[i] ? 1 : 0;
+  constexpr size_t k = sizeof(ChunkId);
+  std::string out(kResumeFrame + header.size() + bitmap + k * d + 32, '\0');
+  std::memcpy(out.data(), kResumeMagic, 4);
+  PutLe(out, 4, kResumeVersion, 4);
+  PutLe(out, 8, header.size(), 4);
+  PutLe(out, 12, k, 4);
+  PutLe(out, 16, c, 8);
+  std::memcpy(out.data() + kResumeFrame, header.data(), header.size());
+  char* bits = out.data() + kResumeFrame + header.size();
+  char* ids = bits + bitmap;
+  for (size_t i = 0; i < c; ++i) {
+    if (!r.partial.done[i]) continue;
+    bits[i / 8] = static_cast<char>(static_cast<uint8_t>(bits[i / 8]) | (1u << (i % 8)));
+    std::memcpy(ids, r.partial.chunks[i].data(), k);
+    ids += k;
+  }
+  const size_t body = out.size() - 32;
+  const ChunkId sum = repo::Sha256(Bytes(std::string_view(out).substr(0, body)));
+  std::memcpy(out.data() + body, sum.data(), 32);
+  return out;
+}
+
+Result<ResumeRecord> DecodeResume(const std::string& data) {
+  if (!data.empty() && data.front() == '{') return DecodeResumeV1(data);
+  const std::string_view b(data);
+  auto bad = [](const std::string& why) { return Status::Corruption("resume record: " + why); };
+  if (b.size() < kResumeFrame + 32 || b.substr(0, 4) != std::string_view(kResumeMagic, 4))
+    return bad("not a resume record");
+  const uint64_t version = GetLe(b, 4, 4), h = GetLe(b, 8, 4), k = GetLe(b, 12, 4);
+  const uint64_t c = GetLe(b, 16, 8);
+  if (k != sizeof(ChunkId) || h > kMaxResumeHeader || c > b.size() * 8)
+    return bad("bad frame lengths");
+  const uint64_t bitmap = (c + 7) / 8;
+  if (kResumeFrame + h + bitmap + 32 > b.size()) return bad("truncated");
+  const std::string_view bits = b.substr(kResumeFrame + h, bitmap);
+  uint64_t d = 0;
+  for (char x : bits) d += static_cast<uint64_t>(std::popcount(static_cast<uint8_t>(x)));
+  if (kResumeFrame + h + bitmap + k * d + 32 != b.size()) return bad("length does not match its bitmap");
+  const size_t body = b.size() - 32;
+  const ChunkId sum = repo::Sha256(Bytes(b.substr(0, body)));
+  if (std::memcmp(sum.data(), b.data() + body, 32) != 0) return bad("checksum mismatch");
+  if (version != kResumeVersion)
+    return Status::Unsupported("resume record version " + std::to_string(version) +
+                               " is newer than this umbra reads");
+  if (c % 8 != 0 && (static_cast<uint8_t>(bits.back()) >> (c % 8)) != 0)
+    return bad("bits set past the last chunk");
+  ResumeRecord r;
+  auto j = nlohmann::json::parse(b.substr(kResumeFrame, h), nullptr, false);
+  try {
+    if (!j.is_object() || j.at("format") != "umbra-resume" || j.at("version") != kResumeVersion)
+      return bad("bad header");
+    r.volume_uuid = j.at("volume_uuid").get<std::string>();
+    r.size = j.at("size").get<uint64_t>();
+    r.chunk_size = j.at("chunk_size").get<uint32_t>();
+    r.tracking_id = j.at("tracking").at("id").get<std::string>();
+    r.tracking_epoch = j.at("tracking").at("epoch").get<uint64_t>();
+  } catch (const std::exception& e) {
+    return bad(std::string("malformed header: ") + e.what());
+  }
+  if (r.chunk_size == 0 || c != (r.size + r.chunk_size - 1) / r.chunk_size)
+    return bad("chunk count does not match size and chunk size");
+  r.partial.chunks.assign(c, kZeroChunk);
+  r.partial.done.assign(c, false);
+  const char* ids = b.data() + kResumeFrame + h + bitmap;
+  for (uint64_t i = 0; i < c; ++i) {
+    if (((static_cast<uint8_t>(bits[i / 8]) >> (i % 8)) & 1) == 0) continue;
+    r.partial.done[i] = true;
+    std::memcpy(r.partial.chunks[i].data(), ids, k);
+    ids += k;
   }
   return r;
 }

@@ -19,6 +19,14 @@
 #include "umbra/repo.h"
 
 namespace umbra::repo {
+
+ChunkId Sha256(std::span<const std::byte> data) {
+  ChunkId out;
+  unsigned int n = 0;
+  EVP_Digest(data.data(), data.size(), out.data(), &n, EVP_sha256(), nullptr);
+  return out;
+}
+
 namespace {
 
 using Json = nlohmann::json;
@@ -61,12 +69,6 @@ std::span<const std::byte> AsBytes(const std::string& s) {
   return {reinterpret_cast<const std::byte*>(s.data()), s.size()};
 }
 
-ChunkId Sha256(std::span<const std::byte> data) {
-  ChunkId out;
-  unsigned int n = 0;
-  EVP_Digest(data.data(), data.size(), out.data(), &n, EVP_sha256(), nullptr);
-  return out;
-}
 
 uint64_t UnixNowNs() {
   return static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::nanoseconds>(
@@ -422,10 +424,14 @@ class RepositoryImpl final : public Repository {
     return s;
   }
 
-  Status PutResume(const std::string& volume_uuid, const std::string& json) override {
+  Status PutResume(const std::string& volume_uuid, const std::string& record) override {
     UMBRA_RETURN_IF_ERROR(CheckKey(volume_uuid));
+    if (record.size() > kMaxPlain)
+      return Status::InvalidArgument("a resume record of " + std::to_string(record.size()) +
+                                     " bytes is larger than an object may be (" +
+                                     std::to_string(kMaxPlain) + ")");
     std::vector<std::byte> obj;
-    UMBRA_RETURN_IF_ERROR(Encode(AsBytes(json), "resume:" + volume_uuid, &obj));
+    UMBRA_RETURN_IF_ERROR(Encode(AsBytes(record), "resume:" + volume_uuid, &obj));
     UMBRA_RETURN_IF_ERROR(store_->SyncAll());  // rule 3.7: chunks first
     return store_->Put("resume/" + volume_uuid, obj, /*sync=*/true);
   }
