@@ -8,14 +8,19 @@
 #   bench/fs_bench.sh [OUT_DIR]      (root; RUNTIME=10 SIZE=4G PEERS=0)
 #   WORKLOADS="randwrite4k seqwrite1m" SNAPS="0 1" bench/fs_bench.sh   (a subset)
 #   ORIGIN_CACHE=direct bench/fs_bench.sh   (umbrad's origin_cache; default writeback)
+#   REPEAT=3 bench/fs_bench.sh   (rounds; default 1)
 #
 # Workloads (fio --direct=1 --ioengine=libaio on a 1 GiB file f1, as in the
 # peers' harness): randwrite4k, seqwrite1m, randread4k (time based), first4k
 # (one 4 KiB write at offset 0 of each 64 KiB of f1, shuffled: every write
 # hits a never-copied chunk under a snapshot) and firstseq1m (one pass).
 # Configs: RAW (plain loop), UMBRA-0/1/16 (no, one, sixteen snapshots taken
-# right before each job). Reports IOPS, MB/s, ratio to RAW, umbrad CPU
-# seconds per GiB written and umbrad's peak resident memory.
+# right before each job). Both filesystems stay mounted and every workload
+# runs RAW, then each UMBRA-n, back to back, REPEAT rounds: a ratio is taken
+# within one round (the VM's speed drifts by tens of percent over minutes)
+# and the summary gives the median per config and workload. Reports IOPS,
+# MB/s, ratio to RAW, umbrad CPU seconds per GiB written and umbrad's peak
+# resident memory.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-/var/tmp/umbra-fs-bench}
@@ -24,6 +29,7 @@ SIZE=${SIZE:-4G}
 PEERS=${PEERS:-0}
 WORKLOADS=${WORKLOADS:-randwrite4k seqwrite1m randread4k first4k firstseq1m}
 SNAPS=${SNAPS:-0 1 16}
+REPEAT=${REPEAT:-1}
 ORIGIN_CACHE=${ORIGIN_CACHE:-writeback}
 bin=${UMBRA_BIN:-build/release/src}
 [[ $(id -u) -eq 0 ]] || { echo "fs_bench: needs root" >&2; exit 1; }
@@ -32,15 +38,17 @@ mkdir -p "$OUT"
 work=$(mktemp -d /var/tmp/umbra-fs-bench.XXXXXX)
 export UMBRA_SOCKET=$work/umbrad.sock
 mnt=$work/mnt
-mkdir -p "$mnt"
+rawmnt=$work/rawmnt
+mkdir -p "$mnt" "$rawmnt"
 daemon_pid=""
 rawloop=""
 results=$OUT/results.tsv
-echo -e "config\tworkload\tiops\tmbs\tclat_us\tumbrad_cpu_s_per_gib" >"$results"
+echo -e "round\tconfig\tworkload\tiops\tmbs\tclat_us\tumbrad_cpu_s_per_gib" >"$results"
 
 cleanup() {
   set +e
   mountpoint -q "$mnt" && umount "$mnt"
+  mountpoint -q "$rawmnt" && umount "$rawmnt"
   [[ -n $rawloop ]] && losetup -d "$rawloop"
   if [[ -n $daemon_pid ]]; then
     kill -TERM "$daemon_pid"
@@ -54,8 +62,8 @@ trap cleanup EXIT INT TERM
 
 log() { echo "[$(date +%T)] $*" >&2; }
 
-make_iolog() {  # first4k: one 4 KiB write at offset 0 of every 64 KiB chunk of f1, shuffled
-  python3 - "$work/first4k.iolog" "$mnt/f1" <<'EOF'
+make_iolog() {  # DIR; first4k: one 4 KiB write at offset 0 of every 64 KiB chunk of f1, shuffled
+  python3 - "$work/first4k-$(basename "$1").iolog" "$1/f1" <<'EOF'
 import random, sys
 random.seed(42)
 offs = [i * 65536 for i in range(16384)]
@@ -80,16 +88,17 @@ note_rss() {
   return 0
 }
 
-run_job() {  # config workload
-  local cfg=$1 wl=$2 args
-  local common="--name=$wl --directory=$mnt --filename=f1 --direct=1 --ioengine=libaio --numjobs=1 --group_reporting --output-format=json"
+run_job() {  # round config workload
+  local round=$1 cfg=$2 wl=$3 args dir=$mnt
+  [[ $cfg == RAW ]] && dir=$rawmnt
+  local common="--name=$wl --directory=$dir --filename=f1 --direct=1 --ioengine=libaio --numjobs=1 --group_reporting --output-format=json"
   case $wl in
     randwrite4k) args="--rw=randwrite --bs=4k --iodepth=32 --size=1G --time_based --runtime=$RUNTIME" ;;
     seqwrite1m) args="--rw=write --bs=1M --iodepth=8 --size=1G --time_based --runtime=$RUNTIME" ;;
     randread4k) args="--rw=randread --bs=4k --iodepth=32 --size=1G --time_based --runtime=$RUNTIME" ;;
     first4k)
       common="--name=$wl --direct=1 --ioengine=libaio --output-format=json"
-      args="--read_iolog=$work/first4k.iolog --replay_no_stall=1 --iodepth=32" ;;
+      args="--read_iolog=$work/first4k-$(basename "$dir").iolog --replay_no_stall=1 --iodepth=32" ;;
     firstseq1m) args="--rw=write --bs=1M --iodepth=8 --size=1G" ;;
   esac
   sync
@@ -97,39 +106,36 @@ run_job() {  # config workload
   local t0 t1
   t0=$(cpu_ticks)
   # shellcheck disable=SC2086
-  fio $common $args >"$OUT/$cfg-$wl.json"
+  fio $common $args >"$OUT/$cfg-$wl-$round.json"
   t1=$(cpu_ticks)
   note_rss
-  python3 - "$OUT/$cfg-$wl.json" "$cfg" "$wl" "$((t1 - t0))" "$(getconf CLK_TCK)" >>"$results" <<'EOF'
+  python3 - "$OUT/$cfg-$wl-$round.json" "$cfg" "$wl" "$((t1 - t0))" "$(getconf CLK_TCK)" "$round" >>"$results" <<'EOF'
 import json, sys
 j = json.load(open(sys.argv[1]))["jobs"][0]
-cfg, wl, ticks, hz = sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+cfg, wl, ticks, hz, rnd = sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), sys.argv[6]
 side = j["read"] if "read" in wl else j["write"]
 gib = j["write"]["io_bytes"] / 2**30
 cpu = (ticks / hz / gib) if (gib > 0 and cfg.startswith("UMBRA")) else float("nan")
-print("%s\t%s\t%.0f\t%.1f\t%.0f\t%.2f" % (cfg, wl, side["iops"], side["bw_bytes"] / 1e6,
+print("%s\t%s\t%s\t%.0f\t%.1f\t%.0f\t%.2f" % (rnd, cfg, wl, side["iops"], side["bw_bytes"] / 1e6,
                                           side["clat_ns"]["mean"] / 1000, cpu))
 EOF
   log "$(tail -1 "$results")"
 }
 
-layout() {  # write every block of f1 once
-  fio --name=layout --directory="$mnt" --filename=f1 --rw=write --bs=1M --size=1G --direct=1 \
+layout() {  # DIR: write every block of f1 once
+  fio --name=layout --directory="$1" --filename=f1 --rw=write --bs=1M --size=1G --direct=1 \
     --ioengine=libaio --iodepth=8 --output-format=terse >/dev/null
 }
 
-make_iolog
+make_iolog "$rawmnt"
+make_iolog "$mnt"
 
 log "RAW: loop device over a plain file (the ceiling of this path)"
 truncate -s "$SIZE" "$work/raw.img"
 rawloop=$(losetup -f --show --direct-io=on "$work/raw.img")
 mkfs.ext4 -q -E lazy_itable_init=0,lazy_journal_init=0 "$rawloop"
-mount "$rawloop" "$mnt"
-layout
-for wl in $WORKLOADS; do run_job RAW "$wl"; done
-umount "$mnt"
-losetup -d "$rawloop"
-rawloop=""
+mount "$rawloop" "$rawmnt"
+layout "$rawmnt"
 
 log "UMBRA: umbrad (origin_cache $ORIGIN_CACHE), volume attached as a loop device over its FUSE file"
 echo "origin_cache = \"$ORIGIN_CACHE\"" >"$work/umbrad.toml"
@@ -143,34 +149,51 @@ mkdir -p "$work/shadow"
 dev=$("$bin/umbra" volume attach v)
 mkfs.ext4 -q -E lazy_itable_init=0,lazy_journal_init=0 "$dev"
 mount "$dev" "$mnt"
-layout
-for n in $SNAPS; do
+layout "$mnt"
+
+for round in $(seq "$REPEAT"); do
   for wl in $WORKLOADS; do
-    "$bin/umbra" snapshot delete --all v >/dev/null
-    for _ in $(seq "$n"); do
-      sync
-      fsfreeze -f "$mnt"
-      "$bin/umbra" snapshot create v >/dev/null || { fsfreeze -u "$mnt"; exit 1; }
-      fsfreeze -u "$mnt"
+    run_job "$round" RAW "$wl"
+    for n in $SNAPS; do
+      "$bin/umbra" snapshot delete --all v >/dev/null
+      for _ in $(seq "$n"); do
+        sync
+        fsfreeze -f "$mnt"
+        "$bin/umbra" snapshot create v >/dev/null || { fsfreeze -u "$mnt"; exit 1; }
+        fsfreeze -u "$mnt"
+      done
+      run_job "$round" "UMBRA-$n" "$wl"
     done
-    run_job "UMBRA-$n" "$wl"
   done
 done
 "$bin/umbra" snapshot delete --all v >/dev/null
 umount "$mnt"
 "$bin/umbra" volume detach v >/dev/null
 note_rss
+umount "$rawmnt"
+losetup -d "$rawloop"
+rawloop=""
 
 python3 - "$results" "$peak_rss" <<'EOF' | tee "$OUT/summary.md"
-import csv, sys
+import csv, statistics, sys
 rows = list(csv.DictReader(open(sys.argv[1]), delimiter="\t"))
-raw = {r["workload"]: float(r["iops"]) for r in rows if r["config"] == "RAW"}
-print("| config | workload | IOPS | MB/s | clat µs | vs RAW | umbrad CPU s/GiB written |")
-print("|---|---|---|---|---|---|---|")
+raw = {(r["round"], r["workload"]): float(r["iops"]) for r in rows if r["config"] == "RAW"}
+cells = {}
 for r in rows:
-    ratio = float(r["iops"]) / raw[r["workload"]] if raw.get(r["workload"]) else float("nan")
-    print("| %s | %s | %s | %s | %s | %.2f | %s |" % (r["config"], r["workload"], r["iops"], r["mbs"],
-          r["clat_us"], ratio, r["umbrad_cpu_s_per_gib"]))
+    cells.setdefault((r["config"], r["workload"]), []).append(r)
+rounds = len({r["round"] for r in rows})
+print("Median of %d round(s); each ratio is taken within its round." % rounds)
+print()
+print("| config | workload | IOPS | MB/s | clat µs | vs RAW | ratios per round | umbrad CPU s/GiB written |")
+print("|---|---|---|---|---|---|---|---|")
+def med(rs, k):
+    return statistics.median(float(x[k]) for x in rs)
+for (cfg, wl), rs in cells.items():
+    ratios = [float(x["iops"]) / raw[(x["round"], wl)] for x in rs if raw.get((x["round"], wl))]
+    print("| %s | %s | %.0f | %.1f | %.0f | %.2f | %s | %.2f |" % (
+        cfg, wl, med(rs, "iops"), med(rs, "mbs"), med(rs, "clat_us"),
+        statistics.median(ratios) if ratios else float("nan"),
+        " ".join("%.2f" % x for x in ratios), med(rs, "umbrad_cpu_s_per_gib")))
 print("\numbrad peak resident memory: %.1f MiB" % (int(sys.argv[2]) / 1024))
 EOF
 
