@@ -64,7 +64,8 @@ Result<std::unique_ptr<Store>> OpenDirStore(const std::string& dir, bool create)
 using ChunkId = std::array<uint8_t, 32>;
 inline constexpr ChunkId kZeroChunk{};  // manifest entry of an all-zero chunk
 std::string ChunkIdHex(const ChunkId& id);
-ChunkId Sha256(std::span<const std::byte> data);  // also the checksum of manifests and resume records
+// SHA-256; also the checksum of manifests and resume records.
+ChunkId Sha256(std::span<const std::byte> data);
 bool ParseChunkId(std::string_view hex, ChunkId& out);
 
 struct ImageStats {

@@ -563,7 +563,8 @@ Result<ResumeRecord> DecodeResume(const std::string& data) {
   const std::string_view bits = b.substr(kResumeFrame + h, bitmap);
   uint64_t d = 0;
   for (char x : bits) d += static_cast<uint64_t>(std::popcount(static_cast<uint8_t>(x)));
-  if (kResumeFrame + h + bitmap + k * d + 32 != b.size()) return bad("length does not match its bitmap");
+  if (kResumeFrame + h + bitmap + k * d + 32 != b.size())
+    return bad("length does not match its bitmap");
   const size_t body = b.size() - 32;
   const ChunkId sum = repo::Sha256(Bytes(b.substr(0, body)));
   if (std::memcmp(sum.data(), b.data() + body, 32) != 0) return bad("checksum mismatch");
@@ -585,7 +586,7 @@ Result<ResumeRecord> DecodeResume(const std::string& data) {
   } catch (const std::exception& e) {
     return bad(std::string("malformed header: ") + e.what());
   }
-  if (r.chunk_size == 0 || c != (r.size + r.chunk_size - 1) / r.chunk_size)
+  if (r.chunk_size == 0 || c != r.size / r.chunk_size + (r.size % r.chunk_size != 0 ? 1 : 0))
     return bad("chunk count does not match size and chunk size");
   r.partial.chunks.assign(c, kZeroChunk);
   r.partial.done.assign(c, false);
