@@ -3,6 +3,7 @@
 #include <cstring>
 
 #include "base/checksum.h"
+#include "base/endian.h"
 #include "base/random.h"
 
 namespace umbra::engine {
@@ -14,16 +15,6 @@ constexpr uint32_t kStateOpen = 1;
 constexpr uint32_t kStateClosed = 2;
 constexpr size_t kCrcOffset = 84;
 
-template <typename T>
-void Put(std::byte* p, T v) {
-  std::memcpy(p, &v, sizeof v);  // little-endian host (x86-64, arm64)
-}
-template <typename T>
-T Get(const std::byte* p) {
-  T v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
 
 }  // namespace
 
@@ -57,19 +48,19 @@ Result<std::unique_ptr<ChangeMap>> ChangeMap::Open(Env* env, const std::string& 
     why = "";
   } else if (Status s = m->file_->ReadAt(0, h); !s.ok()) {
     why = "unreadable (" + s.message() + ")";
-  } else if (std::memcmp(h.data(), kMagic, 8) != 0 || Get<uint32_t>(&h[8]) != kVersion) {
+  } else if (std::memcmp(h.data(), kMagic, 8) != 0 || GetU32(&h[8]) != kVersion) {
     why = "not a version 1 change map";
-  } else if (Get<uint32_t>(&h[kCrcOffset]) !=
+  } else if (GetU32(&h[kCrcOffset]) !=
              Crc32(std::span<const std::byte>(h.data(), kCrcOffset))) {
     why = "header checksum mismatch";
-  } else if (Get<uint32_t>(&h[12]) != region || std::memcmp(&h[16], volume_uuid.data(), 16) != 0 ||
-             Get<uint64_t>(&h[32]) != volume_size) {
+  } else if (GetU32(&h[12]) != region || std::memcmp(&h[16], volume_uuid.data(), 16) != 0 ||
+             GetU64(&h[32]) != volume_size) {
     why = "made for another volume, size or region size";
   } else if (auto fsize = m->file_->Size();
              !fsize.ok() || *fsize < kChangeHeaderSize + m->count_ * 8) {
     why = "short (entries missing)";  // they would read as 0: changes silently lost
   } else {
-    uint32_t state = Get<uint32_t>(&h[80]);
+    uint32_t state = GetU32(&h[80]);
     bool same_boot = boot != Uuid{} && std::memcmp(&h[64], boot.data(), 16) == 0;
     if (state != kStateClosed && !same_boot)
       why = "left open by an earlier boot (power loss or system crash): changes not synced may "
@@ -78,7 +69,7 @@ Result<std::unique_ptr<ChangeMap>> ChangeMap::Open(Env* env, const std::string& 
   bool keep = existed && why.empty();
   if (keep) {
     std::memcpy(m->tracking_.data(), &h[40], 16);
-    uint64_t epoch = Get<uint64_t>(&h[56]);
+    uint64_t epoch = GetU64(&h[56]);
     std::vector<std::byte> raw(m->count_ * 8);
     Status s = m->file_->ReadAt(kChangeHeaderSize, raw);
     if (!s.ok()) {
@@ -86,7 +77,7 @@ Result<std::unique_ptr<ChangeMap>> ChangeMap::Open(Env* env, const std::string& 
       why = "entries unreadable (" + s.message() + ")";
     } else {
       for (uint64_t i = 0; i < m->count_; ++i) {
-        uint64_t e = Get<uint64_t>(&raw[i * 8]);
+        uint64_t e = GetU64(&raw[i * 8]);
         if (e > epoch) {
           keep = false;
           why = "entry newer than the map's epoch";
@@ -119,15 +110,15 @@ Status ChangeMap::WriteHeader(uint32_t state) {
   std::lock_guard l(header_mu_);
   std::array<std::byte, 128> h{};
   std::memcpy(h.data(), kMagic, 8);
-  Put<uint32_t>(&h[8], kVersion);
-  Put<uint32_t>(&h[12], region_);
+  PutU32(&h[8], kVersion);
+  PutU32(&h[12], region_);
   std::memcpy(&h[16], volume_uuid_.data(), 16);
-  Put<uint64_t>(&h[32], size_);
+  PutU64(&h[32], size_);
   std::memcpy(&h[40], tracking_.data(), 16);
-  Put<uint64_t>(&h[56], epoch_.load());
+  PutU64(&h[56], epoch_.load());
   std::memcpy(&h[64], boot_.data(), 16);
-  Put<uint32_t>(&h[80], state);
-  Put<uint32_t>(&h[kCrcOffset], Crc32(std::span<const std::byte>(h.data(), kCrcOffset)));
+  PutU32(&h[80], state);
+  PutU32(&h[kCrcOffset], Crc32(std::span<const std::byte>(h.data(), kCrcOffset)));
   return file_->WriteAt(0, h);
 }
 
@@ -142,7 +133,7 @@ void ChangeMap::Mark(uint64_t off, uint64_t len) {
     // both write the entry; they write the same value.
     if (entries_[r].load(std::memory_order_acquire) == e) continue;
     std::array<std::byte, 8> b;
-    Put<uint64_t>(b.data(), e);
+    PutU64(b.data(), e);
     if (Status s = file_->WriteAt(kChangeHeaderSize + r * 8, b); !s.ok()) {
       Break(s.Annotate("recording a change"));
       return;

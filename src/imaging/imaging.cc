@@ -24,6 +24,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "base/endian.h"
 #include "umbra/imaging.h"
 
 namespace umbra::imaging {
@@ -475,14 +476,6 @@ constexpr uint32_t kResumeVersion = 2;
 constexpr size_t kResumeFrame = 24;
 constexpr size_t kMaxResumeHeader = 1u << 20;
 
-void PutLe(std::string& out, size_t at, uint64_t v, size_t n) {
-  for (size_t b = 0; b < n; ++b) out[at + b] = static_cast<char>((v >> (8 * b)) & 0xff);
-}
-uint64_t GetLe(std::string_view in, size_t at, size_t n) {
-  uint64_t v = 0;
-  for (size_t b = 0; b < n; ++b) v |= uint64_t{static_cast<uint8_t>(in[at + b])} << (8 * b);
-  return v;
-}
 std::span<const std::byte> Bytes(std::string_view s) {
   return {reinterpret_cast<const std::byte*>(s.data()), s.size()};
 }
@@ -528,11 +521,12 @@ std::string EncodeResume(const ResumeRecord& r) {
   for (size_t i = 0; i < c; ++i) d += r.partial.done[i] ? 1 : 0;
   constexpr size_t k = sizeof(ChunkId);
   std::string out(kResumeFrame + header.size() + bitmap + k * d + 32, '\0');
-  std::memcpy(out.data(), kResumeMagic, 4);
-  PutLe(out, 4, kResumeVersion, 4);
-  PutLe(out, 8, header.size(), 4);
-  PutLe(out, 12, k, 4);
-  PutLe(out, 16, c, 8);
+  std::byte* p = reinterpret_cast<std::byte*>(out.data());
+  std::memcpy(p, kResumeMagic, 4);
+  PutU32(p + 4, kResumeVersion);
+  PutU32(p + 8, static_cast<uint32_t>(header.size()));
+  PutU32(p + 12, static_cast<uint32_t>(k));
+  PutU64(p + 16, c);
   std::memcpy(out.data() + kResumeFrame, header.data(), header.size());
   char* bits = out.data() + kResumeFrame + header.size();
   char* ids = bits + bitmap;
@@ -554,8 +548,9 @@ Result<ResumeRecord> DecodeResume(const std::string& data) {
   auto bad = [](const std::string& why) { return Status::Corruption("resume record: " + why); };
   if (b.size() < kResumeFrame + 32 || b.substr(0, 4) != std::string_view(kResumeMagic, 4))
     return bad("not a resume record");
-  const uint64_t version = GetLe(b, 4, 4), h = GetLe(b, 8, 4), k = GetLe(b, 12, 4);
-  const uint64_t c = GetLe(b, 16, 8);
+  const auto* p = reinterpret_cast<const std::byte*>(b.data());
+  const uint64_t version = GetU32(p + 4), h = GetU32(p + 8), k = GetU32(p + 12);
+  const uint64_t c = GetU64(p + 16);
   if (k != sizeof(ChunkId) || h > kMaxResumeHeader || c > b.size() * 8)
     return bad("bad frame lengths");
   const uint64_t bitmap = (c + 7) / 8;

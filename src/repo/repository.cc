@@ -15,6 +15,7 @@
 #include <nlohmann/json.hpp>
 
 #include "base/checksum.h"
+#include "base/endian.h"
 #include "base/random.h"
 #include "umbra/repo.h"
 
@@ -203,18 +204,6 @@ void HeaderFrom(const Json& j, Manifest* m) {
   m->stats.seconds = st.at("seconds").get<double>();
 }
 
-void PutLe32(std::byte* p, uint32_t v) { std::memcpy(p, &v, 4); }
-void PutLe64(std::byte* p, uint64_t v) { std::memcpy(p, &v, 8); }
-uint32_t Le32(const std::byte* p) {
-  uint32_t v;
-  std::memcpy(&v, p, 4);
-  return v;
-}
-uint64_t Le64(const std::byte* p) {
-  uint64_t v;
-  std::memcpy(&v, p, 8);
-  return v;
-}
 
 std::vector<std::byte> EncodeManifest(const Manifest& m) {
   const std::string header = ManifestHeaderJson(m).dump();
@@ -222,10 +211,10 @@ std::vector<std::byte> EncodeManifest(const Manifest& m) {
   std::vector<std::byte> out(kManifestFrame + header.size() + k * c + 32);
   std::byte* p = out.data();
   std::memcpy(p, kManifestMagic, 4);
-  PutLe32(p + 4, kManifestVersion);
-  PutLe32(p + 8, static_cast<uint32_t>(header.size()));
-  PutLe32(p + 12, static_cast<uint32_t>(k));
-  PutLe64(p + 16, c);
+  PutU32(p + 4, kManifestVersion);
+  PutU32(p + 8, static_cast<uint32_t>(header.size()));
+  PutU32(p + 12, static_cast<uint32_t>(k));
+  PutU64(p + 16, c);
   std::memcpy(p + kManifestFrame, header.data(), header.size());
   if (c > 0) std::memcpy(p + kManifestFrame + header.size(), m.chunks.data(), k * c);
   const size_t body = out.size() - 32;
@@ -238,8 +227,9 @@ Result<Manifest> DecodeManifest(std::span<const std::byte> b, const std::string&
   auto bad = [&](const std::string& why) { return Status::Corruption(what + ": " + why); };
   if (b.size() < kManifestFrame + 32) return bad("manifest too short");
   if (std::memcmp(b.data(), kManifestMagic, 4) != 0) return bad("not an image manifest (bad magic)");
-  const uint32_t version = Le32(b.data() + 4), h = Le32(b.data() + 8), k = Le32(b.data() + 12);
-  const uint64_t c = Le64(b.data() + 16);
+  const uint32_t version = GetU32(b.data() + 4), h = GetU32(b.data() + 8);
+  const uint32_t k = GetU32(b.data() + 12);
+  const uint64_t c = GetU64(b.data() + 16);
   if (h > kMaxManifestHeader || k != sizeof(ChunkId) || c > b.size() / sizeof(ChunkId) ||
       kManifestFrame + h + k * c + 32 != b.size())
     return bad("manifest lengths do not add up");
