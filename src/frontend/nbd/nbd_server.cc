@@ -203,7 +203,13 @@ class Session {
   std::unique_ptr<Export> export_;
   uint64_t size_ = 0;
   bool read_only_ = false;
-  std::vector<std::byte> buf_;  // reply header room + payload
+  // A request's or reply's payload, after room for the reply header.
+  std::byte* Payload(size_t len) {
+    if (buf_.size() < kHeaderRoom + len) buf_.resize(kHeaderRoom + len);
+    return buf_.data() + kHeaderRoom;
+  }
+  static constexpr size_t kHeaderRoom = 32;
+  std::vector<std::byte> buf_;  // see Payload()
 };
 
 std::string Session::Run() {
@@ -430,7 +436,6 @@ bool Session::ErrorReply(uint64_t cookie, uint32_t error, bool structured_chunk)
 
 std::string Session::Transmit() {
   BlockDevice& dev = export_->device();
-  constexpr size_t kRoom = 32;  // reply header written in front of the data
   for (;;) {
     std::byte h[28];
     if (!ch_.Read(h, sizeof(h))) return "client disconnected";
@@ -444,8 +449,7 @@ std::string Session::Transmit() {
     if (type == kCmdWrite) {
       // The payload follows the header whatever we think of the request.
       if (len > limits_.max_request) return "write payload larger than the maximum";
-      if (buf_.size() < kRoom + len) buf_.resize(kRoom + len);
-      if (len > 0 && !ch_.Read(buf_.data() + kRoom, len)) return "client disconnected mid-write";
+      if (len > 0 && !ch_.Read(Payload(len), len)) return "client disconnected mid-write";
     }
     if (type == kCmdDisc) return "client disconnected (NBD_CMD_DISC)";
 
@@ -468,8 +472,8 @@ std::string Session::Transmit() {
             sent = fail(kEINVAL);
             break;
           }
-          if (buf_.size() < kRoom + len) buf_.resize(kRoom + len);
-          Status s = dev.Read(off, std::span(buf_.data() + kRoom, len));
+          std::byte* data = Payload(len);
+          Status s = dev.Read(off, std::span(data, len));
           if (!s.ok()) {
             sent = fail(WireError(s));
             break;
@@ -487,13 +491,13 @@ std::string Session::Transmit() {
             Put32(hdr, 0);
             Put64(hdr, cookie);
           }
-          std::byte* start = buf_.data() + kRoom - hdr.size();
+          std::byte* start = data - hdr.size();
           std::memcpy(start, hdr.data(), hdr.size());
           sent = ch_.Write(start, hdr.size() + len);
           break;
         }
         case kCmdWrite: {
-          Status s = dev.Write(off, std::span<const std::byte>(buf_.data() + kRoom, len),
+          Status s = dev.Write(off, std::span<const std::byte>(Payload(len), len),
                                (flags & kCmdFlagFua) != 0);
           sent = s.ok() ? SimpleReply(cookie, 0) : fail(WireError(s));
           break;
