@@ -82,6 +82,9 @@ class Env {
   // True if directory `dir` lives on the block device or file `volume_path`
   // (directly, on a partition of it, or on a loop device backed by it).
   virtual Result<bool> IsOnVolume(const std::string& dir, const std::string& volume_path) = 0;
+  // True if the existing paths `a` and `b` are on one filesystem, so that
+  // whatever stalls I/O to one stalls I/O to the other as well.
+  virtual Result<bool> SameFilesystem(const std::string& a, const std::string& b) = 0;
   // Monotonic clock.
   virtual uint64_t NowNanos() = 0;
   // Sleep helper (FaultEnv uses it for injected delays).

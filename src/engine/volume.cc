@@ -89,7 +89,8 @@ void BufferPool::Put(Buffer b) {
 }
 
 VolumeImpl::VolumeImpl(Env* env, VolumeConfig cfg, Uuid uuid, uint64_t size,
-                       std::unique_ptr<File> origin, std::unique_ptr<File> data)
+                       std::unique_ptr<File> origin, std::unique_ptr<File> data,
+                       bool copy_inline)
     : env_(env),
       cfg_(std::move(cfg)),
       uuid_(uuid),
@@ -97,6 +98,7 @@ VolumeImpl::VolumeImpl(Env* env, VolumeConfig cfg, Uuid uuid, uint64_t size,
       shift_(static_cast<uint32_t>(std::countr_zero(cfg_.chunk_size))),
       origin_(std::move(origin)),
       data_(std::move(data)),
+      copy_inline_(copy_inline),
       pool_(cfg_.chunk_size),
       run_pool_(std::max<size_t>(cfg_.chunk_size, 1 << 20)),
       zeros_(cfg_.chunk_size),
@@ -104,7 +106,8 @@ VolumeImpl::VolumeImpl(Env* env, VolumeConfig cfg, Uuid uuid, uint64_t size,
   copy_timeout_ms_.store(cfg_.copy_timeout_ms);
   // Several copiers so that concurrent writers' copies (and, for persistent
   // snapshots, their syncs) overlap; the journal batches their syncs.
-  for (int i = 0; i < kCopiers; ++i) copiers_.emplace_back([this] { CopierMain(); });
+  if (!copy_inline_)
+    for (int i = 0; i < kCopiers; ++i) copiers_.emplace_back([this] { CopierMain(); });
 }
 
 VolumeImpl::~VolumeImpl() {
@@ -305,7 +308,11 @@ Result<std::unique_ptr<VolumeImpl>> Construct(Env* env, VolumeConfig& cfg, bool 
   } else {
     UMBRA_ASSIGN_OR_RETURN(data, env->Open(cfg.shadow_dir + "/" + kDataName, OpenMode::kReadWrite));
   }
-  auto v = std::make_unique<VolumeImpl>(env, cfg, uuid, size, std::move(origin), std::move(data));
+  // Shadow storage on the origin's own filesystem cannot hang while the
+  // origin goes on: the writers copy inline, without a hand-off per copy.
+  UMBRA_ASSIGN_OR_RETURN(bool same_fs, env->SameFilesystem(cfg.shadow_dir, cfg.origin_path));
+  auto v = std::make_unique<VolumeImpl>(env, cfg, uuid, size, std::move(origin), std::move(data),
+                                        same_fs);
   if (fresh && !create) {
     UMBRA_RETURN_IF_ERROR(v->InitNew());
     env->Remove(cfg.shadow_dir + "/" + kCheckpointFailedName).IgnoreError();
@@ -534,7 +541,10 @@ Status VolumeImpl::PreserveChunks(uint64_t c0, uint64_t c1) {
         for (auto& it : j->items) state_.FreeSlot(it.slot);
       return rs.Annotate("reading the origin to preserve it");
     }
-    if (!jobs.empty()) {
+    if (!jobs.empty() && copy_inline_) {
+      WriteCopies(jobs);
+      for (auto& j : jobs) j->state.store(1);
+    } else if (!jobs.empty()) {
       Submit(jobs);
       WaitJobs(jobs);  // on timeout the jobs are marked abandoned
     }
@@ -822,6 +832,51 @@ bool VolumeImpl::WaitJobs(std::vector<std::shared_ptr<CopyJob>>& jobs) {
   return false;
 }
 
+void VolumeImpl::WriteCopies(std::span<const std::shared_ptr<CopyJob>> jobs) {
+  uint64_t t0 = env_->NowNanos();
+  uint64_t max_lsn = 0;
+  std::shared_ptr<Journal> jnl;
+  for (auto& j : jobs) {
+    if (j->state.load() != 0) continue;
+    // Runs of consecutive slots go to the data file in one write.
+    const auto& items = j->items;
+    for (size_t i = 0; i < items.size() && j->status.ok();) {
+      size_t k = i + 1;
+      while (k < items.size() && items[k].slot == items[k - 1].slot + 1) ++k;
+      j->status = data_->WriteAt(items[i].slot * uint64_t{cfg_.chunk_size},
+                                 std::span<const std::byte>(j->buf.get() + i * cfg_.chunk_size,
+                                                            (k - i) * cfg_.chunk_size));
+      i = k;
+    }
+  }
+  {
+    std::lock_guard l(meta_mu_);
+    jnl = journal_;
+    // Every exception is journaled, so replay frees and reuses slots exactly
+    // as this run did; only persistent ranges wait for the sync (rule 2).
+    for (auto& j : jobs) {
+      if (!j->status.ok() || j->state.load() != 0) continue;
+      for (const auto& it : j->items) {
+        Record r;
+        r.type = RecordType::kException;
+        r.chunk = it.chunk;
+        r.key = it.key;
+        r.slot = it.slot;
+        uint64_t lsn = jnl->Append(r);  // rule 1: SyncTo syncs the data file first
+        if (it.persistent) max_lsn = lsn;
+      }
+    }
+  }
+  if (max_lsn != 0) {
+    Status s = jnl->SyncTo(max_lsn);
+    if (!s.ok())
+      for (auto& j : jobs)
+        if (j->status.ok()) j->status = s;
+  }
+  uint64_t dt = env_->NowNanos() - t0;
+  for (auto& j : jobs) j->duration_ns = dt;
+}
+
 void VolumeImpl::CopierMain() {
   for (;;) {
     std::vector<std::shared_ptr<CopyJob>> batch;
@@ -838,50 +893,9 @@ void VolumeImpl::CopierMain() {
         queue_.pop_front();
       }
     }
-    uint64_t t0 = env_->NowNanos();
-    uint64_t max_lsn = 0;
-    std::shared_ptr<Journal> jnl;
-    for (auto& j : batch) {
-      if (j->state.load() != 0) continue;
-      // Runs of consecutive slots go to the data file in one write.
-      const auto& items = j->items;
-      for (size_t i = 0; i < items.size() && j->status.ok();) {
-        size_t k = i + 1;
-        while (k < items.size() && items[k].slot == items[k - 1].slot + 1) ++k;
-        j->status = data_->WriteAt(
-            items[i].slot * uint64_t{cfg_.chunk_size},
-            std::span<const std::byte>(j->buf.get() + i * cfg_.chunk_size, (k - i) * cfg_.chunk_size));
-        i = k;
-      }
-    }
-    {
-      std::lock_guard l(meta_mu_);
-      jnl = journal_;
-      // Every exception is journaled, so replay frees and reuses slots exactly
-      // as this run did; only persistent ranges wait for the sync (rule 2).
-      for (auto& j : batch) {
-        if (!j->status.ok() || j->state.load() != 0) continue;
-        for (const auto& it : j->items) {
-          Record r;
-          r.type = RecordType::kException;
-          r.chunk = it.chunk;
-          r.key = it.key;
-          r.slot = it.slot;
-          uint64_t lsn = jnl->Append(r);  // rule 1: SyncTo syncs the data file first
-          if (it.persistent) max_lsn = lsn;
-        }
-      }
-    }
-    if (max_lsn != 0) {
-      Status s = jnl->SyncTo(max_lsn);
-      if (!s.ok())
-        for (auto& j : batch)
-          if (j->status.ok()) j->status = s;
-    }
-    uint64_t dt = env_->NowNanos() - t0;
+    WriteCopies(batch);
     std::vector<std::shared_ptr<CopyJob>> orphans;
     for (auto& j : batch) {
-      j->duration_ns = dt;
       int expected = 0;
       if (!j->state.compare_exchange_strong(expected, 1)) {
         orphans.push_back(j);

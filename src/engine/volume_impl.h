@@ -11,9 +11,11 @@
 //   Snap::read_mu  shared by a snapshot read (after its stripe); exclusive by
 //               whoever frees that snapshot's slots (rule 8).
 //   meta_mu_    State and journal appends (journal order == memory order).
-// Threads: callers' threads do reads, writes and origin I/O; a few copier
-// threads write copied chunks to the data file and group-commit journal
-// records for persistent ranges; callers wait for it at most
+// Threads: callers' threads do reads, writes and origin I/O. Copies of old
+// chunks: when shadow storage shares the origin's filesystem (a stall of one
+// is a stall of the other), the writer writes them itself; otherwise a few
+// copier threads write them to the data file and group-commit journal
+// records for persistent ranges, and writers wait for them at most
 // copy_timeout_ms, so a hung shadow storage cannot hang the origin.
 #pragma once
 
@@ -79,8 +81,10 @@ struct CopyJob {
 
 class VolumeImpl final : public Volume {
  public:
+  // copy_inline: shadow storage is on the origin's filesystem; writers
+  // write their copies themselves (no copier threads).
   VolumeImpl(Env* env, VolumeConfig cfg, Uuid uuid, uint64_t size,
-             std::unique_ptr<File> origin, std::unique_ptr<File> data);
+             std::unique_ptr<File> origin, std::unique_ptr<File> data, bool copy_inline);
   ~VolumeImpl() override;
 
   // Create: writes the initial checkpoint + journal. Open: recovery.
@@ -163,6 +167,11 @@ class VolumeImpl final : public Volume {
   Status OpenChangeMap();
   Status MaybeRotate();
 
+  // Writes the jobs' chunks to the data file, appends their journal records
+  // (jobs still pending only), syncs them if a persistent snapshot needs it,
+  // and sets each job's status and duration_ns. Used by a writer copying
+  // inline and by the copier threads.
+  void WriteCopies(std::span<const std::shared_ptr<CopyJob>> jobs);
   // Copier thread.
   void CopierMain();
   void Submit(std::vector<std::shared_ptr<CopyJob>>& jobs);
@@ -175,6 +184,7 @@ class VolumeImpl final : public Volume {
   uint32_t shift_;
   std::unique_ptr<File> origin_;
   std::unique_ptr<File> data_;
+  const bool copy_inline_;
   BufferPool pool_;      // one chunk
   BufferPool run_pool_;  // runs of chunks up to 1 MiB
   const std::vector<std::byte> zeros_;  // one chunk of zeros (partial discards)

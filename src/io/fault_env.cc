@@ -227,6 +227,10 @@ Result<bool> FaultEnv::IsOnVolume(const std::string& dir, const std::string& vol
   return base_->IsOnVolume(dir, volume_path);
 }
 
+Result<bool> FaultEnv::SameFilesystem(const std::string& a, const std::string& b) {
+  return base_->SameFilesystem(a, b);
+}
+
 uint64_t FaultEnv::NowNanos() { return base_->NowNanos(); }
 void FaultEnv::SleepNanos(uint64_t ns) { base_->SleepNanos(ns); }
 

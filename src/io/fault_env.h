@@ -11,7 +11,8 @@
 // (kWrite), File::Sync (kSync), PunchHole (kPunch), Truncate (kTruncate),
 // Open (kOpen), Rename (kRename; matches a rule if either path does), Remove
 // (kRemove), SyncDir (kSyncDir), CreateDir (kCreateDir). Size, AllocatedBytes,
-// Exists, ListDir, StatFs, IsOnVolume and the clock pass straight through.
+// Exists, ListDir, StatFs, IsOnVolume, SameFilesystem and the clock pass
+// straight through.
 //
 // Thread-safety: all methods may be called concurrently (one mutex guards
 // the fault state; injected delays are slept outside it). The base Env must
@@ -99,6 +100,7 @@ class FaultEnv final : public Env {
   Result<std::vector<std::string>> ListDir(const std::string& dir) override;
   Result<FsStats> StatFs(const std::string& path) override;
   Result<bool> IsOnVolume(const std::string& dir, const std::string& volume_path) override;
+  Result<bool> SameFilesystem(const std::string& a, const std::string& b) override;
   uint64_t NowNanos() override;
   void SleepNanos(uint64_t ns) override;
 

@@ -452,6 +452,23 @@ Result<bool> MemEnv::IsOnVolume(const std::string& raw_dir, const std::string& v
   return false;
 }
 
+Result<bool> MemEnv::SameFilesystem(const std::string& raw_a, const std::string& raw_b) {
+  const std::string a = Normalize(raw_a);
+  const std::string b = Normalize(raw_b);
+  std::lock_guard<std::mutex> l(mu_);
+  for (const std::string& p : {a, b})
+    if (!IsRoot(p) && !files_.count(p) && !dirs_.count(p))
+      return Status::NotFound("no such file or directory: " + p);
+  // The innermost separate tree holding a path names its filesystem.
+  auto fs_of = [&](const std::string& p) {
+    std::string best;
+    for (const auto& d : separate_fs_)
+      if (IsUnder(p, d) && d.size() > best.size()) best = d;
+    return best;
+  };
+  return fs_of(a) == fs_of(b);
+}
+
 uint64_t MemEnv::NowNanos() { return clock_.load(); }
 void MemEnv::SleepNanos(uint64_t ns) { clock_.fetch_add(ns); }
 void MemEnv::AdvanceClock(uint64_t ns) { clock_.fetch_add(ns); }
@@ -466,6 +483,11 @@ void MemEnv::SetFsStats(FsStats stats) {
 void MemEnv::SetVolumeDir(const std::string& dir, const std::string& volume_path) {
   std::lock_guard<std::mutex> l(mu_);
   volume_dirs_.emplace(Normalize(dir), volume_path);
+}
+
+void MemEnv::SetSeparateFilesystem(const std::string& dir) {
+  std::lock_guard<std::mutex> l(mu_);
+  separate_fs_.insert(Normalize(dir));
 }
 
 Result<std::vector<std::byte>> MemEnv::ReadWholeFile(const std::string& raw_path) {

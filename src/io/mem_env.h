@@ -90,6 +90,9 @@ class MemEnv final : public Env {
   // True iff `dir` is, or is below, a directory registered with
   // SetVolumeDir(dir, volume_path) for this exact volume_path.
   Result<bool> IsOnVolume(const std::string& dir, const std::string& volume_path) override;
+  // One filesystem holds everything except the trees registered with
+  // SetSeparateFilesystem, each of which is a filesystem of its own.
+  Result<bool> SameFilesystem(const std::string& a, const std::string& b) override;
   // A manual clock: starts at kInitialClockNanos and only moves through
   // AdvanceClock() and SleepNanos() (which advances it instead of sleeping).
   uint64_t NowNanos() override;
@@ -105,6 +108,8 @@ class MemEnv final : public Env {
   uint64_t sync_count() const;
   void SetFsStats(FsStats stats);
   void SetVolumeDir(const std::string& dir, const std::string& volume_path);
+  // `dir` and everything below it become a filesystem of their own.
+  void SetSeparateFilesystem(const std::string& dir);
   // The current contents of a file (all of it; beware huge sparse files).
   Result<std::vector<std::byte>> ReadWholeFile(const std::string& path);
   void AdvanceClock(uint64_t ns);
@@ -126,6 +131,7 @@ class MemEnv final : public Env {
   std::map<std::string, std::vector<NsOp>> pending_ns_;          // per directory
   std::optional<FsStats> fs_stats_;
   std::set<std::pair<std::string, std::string>> volume_dirs_;
+  std::set<std::string> separate_fs_;
   uint64_t generation_ = 0;  // bumped by Crash; Files from older ones are dead
   std::atomic<uint64_t> sync_count_{0};
   std::atomic<uint64_t> clock_{kInitialClockNanos};

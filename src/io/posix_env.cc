@@ -356,6 +356,15 @@ Result<bool> PosixEnv::IsOnVolume(const std::string& dir, const std::string& vol
   return false;
 }
 
+Result<bool> PosixEnv::SameFilesystem(const std::string& a, const std::string& b) {
+  struct stat sa;
+  if (::stat(a.c_str(), &sa) != 0) return Status::FromErrno(errno, "stat " + a);
+  struct stat sb;
+  if (::stat(b.c_str(), &sb) != 0) return Status::FromErrno(errno, "stat " + b);
+  auto on_fs = [](const struct stat& st) { return S_ISREG(st.st_mode) || S_ISDIR(st.st_mode); };
+  return on_fs(sa) && on_fs(sb) && sa.st_dev == sb.st_dev;
+}
+
 uint64_t PosixEnv::NowNanos() {
   struct timespec ts;
   ::clock_gettime(CLOCK_MONOTONIC, &ts);

@@ -38,6 +38,9 @@ class PosixEnv final : public Env {
   // loop/backing_file}. `volume_path` must be a block device or a regular
   // file (else kInvalidArgument).
   Result<bool> IsOnVolume(const std::string& dir, const std::string& volume_path) override;
+  // Both regular files or directories with the same st_dev. A block device
+  // is never on the same filesystem as anything (its node is on devtmpfs).
+  Result<bool> SameFilesystem(const std::string& a, const std::string& b) override;
   // CLOCK_MONOTONIC.
   uint64_t NowNanos() override;
   // nanosleep, resumed after signals until the full time has passed.

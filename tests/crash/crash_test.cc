@@ -48,6 +48,9 @@ class CrashRun {
     chunk_ = 4096;
     size_ = chunk_ * rng_.Uniform(16, 40);
     cfg_ = MemVolumeConfig(&mem_, "v", size_, chunk_);
+    // Odd seeds: shadow storage on a filesystem of its own (copier threads);
+    // even seeds: on the origin's (writers copy inline).
+    if (seed_ % 2 == 1) mem_.SetSeparateFilesystem("/shadow");
     if (rng_.Bernoulli(0.2)) cfg_.max_size = MaxSize::Bytes(chunk_ * rng_.Uniform(8, 64));
     auto v = Volume::Create(&fault_, cfg_);
     ASSERT_TRUE(v.ok()) << v.status().ToString();

@@ -29,6 +29,9 @@ class ModelRun {
     chunk_ = rng_.Bernoulli(0.5) ? 4096 : 8192;
     // Sizes that are not a multiple of the chunk size exercise the tail.
     size_ = chunk_ * rng_.Uniform(12, 48) + (rng_.Bernoulli(0.3) ? 512 * rng_.Uniform(1, 7) : 0);
+    // Odd seeds: shadow storage on a filesystem of its own (copier threads);
+    // even seeds: on the origin's (writers copy inline).
+    if (seed_ % 2 == 1) env_.SetSeparateFilesystem("/shadow");
     for (int i = 0; i < 2; ++i) {
       cfgs_.push_back(MemVolumeConfig(&env_, "v" + std::to_string(i), size_, chunk_));
       if (rng_.Bernoulli(0.3)) cfgs_.back().max_size = MaxSize::Bytes(chunk_ * rng_.Uniform(20, 200));

@@ -3,6 +3,7 @@
 // and reading an invalidated snapshot names the cause.
 #include <gtest/gtest.h>
 
+#include <chrono>
 #include <filesystem>
 
 #include "engine_harness.h"
@@ -14,10 +15,14 @@ namespace {
 constexpr uint32_t kChunk = 4096;
 constexpr uint64_t kSize = 64 * kChunk;
 
-class FaultTest : public ::testing::Test {
+// Every case runs twice: shadow storage on the origin's filesystem (writers
+// copy inline) and on a filesystem of its own (copier threads, bounded wait).
+class FaultTest : public ::testing::TestWithParam<bool> {
  protected:
+  static bool OwnFilesystem() { return GetParam(); }
   void Open(MaxSize max = MaxSize::Unbounded(),
             ProtectionLevel prot = ProtectionLevel::kVolume, uint32_t timeout_ms = 1000) {
+    if (OwnFilesystem()) mem_.SetSeparateFilesystem("/shadow");
     cfg_ = MemVolumeConfig(&mem_, "a", kSize, kChunk);
     cfg_.max_size = max;
     cfg_.protection = prot;
@@ -67,7 +72,7 @@ class FaultTest : public ::testing::Test {
   Rng rng_{9};
 };
 
-TEST_F(FaultTest, CapDeletesOldestFirstThenInvalidatesTheLastOne) {
+TEST_P(FaultTest, CapDeletesOldestFirstThenInvalidatesTheLastOne) {
   Open(MaxSize::Bytes(20 * kChunk));
   std::string s1 = Snap();
   Write(0, RandomBytes(rng_, 8 * kChunk));  // 8 copies for s1
@@ -104,7 +109,7 @@ TEST_F(FaultTest, CapDeletesOldestFirstThenInvalidatesTheLastOne) {
   EXPECT_TRUE(SnapshotEquals(*vol_, s4, snaps_[s4]));
 }
 
-TEST_F(FaultTest, ProtectionLevelSnapshotFailsTheWriteInstead) {
+TEST_P(FaultTest, ProtectionLevelSnapshotFailsTheWriteInstead) {
   Open(MaxSize::Bytes(4 * kChunk), ProtectionLevel::kSnapshot);
   std::string s1 = Snap();
   Write(0, RandomBytes(rng_, 4 * kChunk));
@@ -119,7 +124,7 @@ TEST_F(FaultTest, ProtectionLevelSnapshotFailsTheWriteInstead) {
   Write(0, RandomBytes(rng_, kChunk));
 }
 
-TEST_F(FaultTest, ShadowWriteErrorInvalidatesAllButTheOriginWriteSucceeds) {
+TEST_P(FaultTest, ShadowWriteErrorInvalidatesAllButTheOriginWriteSucceeds) {
   Open();
   std::string s1 = Snap();
   std::string s2 = Snap(false);
@@ -141,7 +146,7 @@ TEST_F(FaultTest, ShadowWriteErrorInvalidatesAllButTheOriginWriteSucceeds) {
   EXPECT_TRUE(SnapshotEquals(*vol_, s3, snaps_[s3]));
 }
 
-TEST_F(FaultTest, DiskFullDeletesOldestAndRetriesThenInvalidates) {
+TEST_P(FaultTest, DiskFullDeletesOldestAndRetriesThenInvalidates) {
   Open();
   std::string s1 = Snap();
   Write(0, RandomBytes(rng_, 4 * kChunk));
@@ -156,7 +161,7 @@ TEST_F(FaultTest, DiskFullDeletesOldestAndRetriesThenInvalidates) {
   EXPECT_TRUE(LiveEquals(*vol_, live_));
 }
 
-TEST_F(FaultTest, SlowCopyInvalidates) {
+TEST_P(FaultTest, SlowCopyInvalidates) {
   Open(MaxSize::Unbounded(), ProtectionLevel::kVolume, /*timeout_ms=*/50);
   std::string s1 = Snap();
   FaultEnv::Rule r;
@@ -171,7 +176,7 @@ TEST_F(FaultTest, SlowCopyInvalidates) {
 
 // SetCopyTimeout changes the bound at once and is journaled: a reopen with
 // another configured value restores it (the daemon then applies its own).
-TEST_F(FaultTest, SetCopyTimeoutAppliesAndPersists) {
+TEST_P(FaultTest, SetCopyTimeoutAppliesAndPersists) {
   Open(MaxSize::Unbounded(), ProtectionLevel::kVolume, /*timeout_ms=*/1000);
   std::string s1 = Snap();
   FaultEnv::Rule r;
@@ -200,7 +205,7 @@ TEST_F(FaultTest, SetCopyTimeoutAppliesAndPersists) {
   EXPECT_EQ((*v)->config().copy_timeout_ms, 1000u);
 }
 
-TEST_F(FaultTest, JournalFailureFailsPersistentCreateCleanly) {
+TEST_P(FaultTest, JournalFailureFailsPersistentCreateCleanly) {
   Open();
   FaultEnv::Rule r;
   r.path_substr = "umbra-shadow.jnl";
@@ -219,7 +224,7 @@ TEST_F(FaultTest, JournalFailureFailsPersistentCreateCleanly) {
   EXPECT_TRUE(SnapshotEquals(*vol_, ok, snaps_[ok]));
 }
 
-TEST_F(FaultTest, OriginErrorsAreReported) {
+TEST_P(FaultTest, OriginErrorsAreReported) {
   Open();
   FaultEnv::Rule r;
   r.path_substr = "/vol/a.img";
@@ -234,10 +239,11 @@ TEST_F(FaultTest, OriginErrorsAreReported) {
 // Every single shadow storage operation failing in turn: origin writes never
 // fail, every snapshot is either exact or invalid with a cause, and the
 // store reopens.
-TEST_F(FaultTest, EachShadowOperationFailingInTurn) {
+TEST_P(FaultTest, EachShadowOperationFailingInTurn) {
   for (uint64_t n = 1; n <= 120; ++n) {
     SCOPED_TRACE("failing shadow operation #" + std::to_string(n));
     MemEnv mem;
+    if (OwnFilesystem()) mem.SetSeparateFilesystem("/shadow");
     FaultEnv fault(&mem);
     VolumeConfig cfg = MemVolumeConfig(&mem, "f", kSize, kChunk);
     auto v = Volume::Create(&fault, cfg);
@@ -290,30 +296,49 @@ TEST_F(FaultTest, EachShadowOperationFailingInTurn) {
   }
 }
 
-// A shadow storage that hangs (real sleep on a real filesystem) cannot hold
-// an origin write for longer than the copy timeout: the writer gives up
-// waiting ("exceeded"), rather than noticing afterwards that it took too long.
-TEST(FaultPosixTest, HungShadowStorageDoesNotHoldTheOrigin) {
+INSTANTIATE_TEST_SUITE_P(Shadow, FaultTest, ::testing::Bool(),
+                         [](const ::testing::TestParamInfo<bool>& p) {
+                           return p.param ? "OnOwnFilesystem" : "OnOriginFilesystem";
+                         });
+
+// A real volume whose shadow storage stalls for 1.5 s on its first data write
+// (real sleep, real files), copy timeout 100 ms. Returns how the snapshot
+// ended up and how long the origin write took.
+struct HungCopy {
+  SnapshotInfo info;
+  double write_seconds = 0;
+};
+HungCopy WriteWhileShadowStorageHangs(const std::filesystem::path& origin_dir,
+                                      const std::filesystem::path& shadow_parent) {
   namespace fs = std::filesystem;
-  fs::path dir = fs::temp_directory_path() / ("umbra-fault-test-" + NewUuid());
+  std::string tag = "umbra-fault-test-" + NewUuid();
+  fs::path dir = origin_dir / tag;
+  fs::path sdir = shadow_parent / tag;
   fs::create_directories(dir);
+  fs::create_directories(sdir);
   struct Cleanup {
-    fs::path d;
-    ~Cleanup() { fs::remove_all(d); }
-  } cleanup{dir};
+    fs::path a, b;
+    ~Cleanup() {
+      fs::remove_all(a);
+      fs::remove_all(b);
+    }
+  } cleanup{dir, sdir};
+  HungCopy out;
   FaultEnv fault(DefaultEnv());
   {
     auto f = DefaultEnv()->Open((dir / "vol.img").string(), OpenMode::kCreate);
-    ASSERT_TRUE((*f)->Truncate(1 << 20).ok());
+    EXPECT_TRUE(f.ok() && (*f)->Truncate(1 << 20).ok());
   }
   VolumeConfig c;
   c.origin_path = (dir / "vol.img").string();
-  c.shadow_dir = (dir / "shadow").string();
+  c.shadow_dir = (sdir / "shadow").string();
   c.copy_timeout_ms = 100;
   auto v = Volume::Create(&fault, c);
-  ASSERT_TRUE(v.ok()) << v.status().ToString();
+  EXPECT_TRUE(v.ok()) << v.status().ToString();
+  if (!v.ok()) return out;
   auto s = (*v)->CreateSnapshot({false, "", ""});
-  ASSERT_TRUE(s.ok());
+  EXPECT_TRUE(s.ok());
+  if (!s.ok()) return out;
   FaultEnv::Rule r;
   r.path_substr = "umbra-shadow.data";
   r.ops = FaultEnv::Mask(FaultEnv::Op::kWrite);
@@ -321,16 +346,43 @@ TEST(FaultPosixTest, HungShadowStorageDoesNotHoldTheOrigin) {
   r.count = 1;
   fault.AddRule(r);
   Bytes b(4096, std::byte{7});
-  ASSERT_TRUE((*v)->Write(0, b).ok());
+  auto t0 = std::chrono::steady_clock::now();
+  EXPECT_TRUE((*v)->Write(0, b).ok());
+  out.write_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   auto info = (*v)->GetSnapshot(s->id);
-  ASSERT_TRUE(info.ok());
-  EXPECT_FALSE(info->valid);
-  EXPECT_EQ(info->cause, InvalidCause::kCopyTooSlow);
-  EXPECT_NE(info->invalid_message.find("exceeded"), std::string::npos) << info->invalid_message;
+  EXPECT_TRUE(info.ok());
+  if (info.ok()) out.info = *info;
   Bytes got(4096);
-  ASSERT_TRUE((*v)->Read(0, got).ok());
+  EXPECT_TRUE((*v)->Read(0, got).ok());
   EXPECT_EQ(got, b);
-  ASSERT_TRUE((*v)->Close().ok());
+  EXPECT_TRUE((*v)->Close().ok());
+  return out;
+}
+
+// Shadow storage on a filesystem of its own (tmpfs here) that hangs cannot
+// hold an origin write for longer than the copy timeout: the writer gives up
+// waiting ("exceeded") rather than noticing afterwards that it took too long.
+TEST(FaultPosixTest, HungShadowStorageOnItsOwnFilesystemDoesNotHoldTheOrigin) {
+  auto tmp = std::filesystem::temp_directory_path();
+  ASSERT_FALSE(DefaultEnv()->SameFilesystem(tmp.string(), "/dev/shm").value())
+      << "needs /dev/shm on a filesystem other than " << tmp;
+  HungCopy h = WriteWhileShadowStorageHangs(tmp, "/dev/shm");
+  EXPECT_FALSE(h.info.valid);
+  EXPECT_EQ(h.info.cause, InvalidCause::kCopyTooSlow);
+  EXPECT_NE(h.info.invalid_message.find("exceeded"), std::string::npos) << h.info.invalid_message;
+  EXPECT_LT(h.write_seconds, 1.5) << "the origin write waited for the hung copy";
+}
+
+// Shadow storage on the origin's filesystem: a stall there stalls the origin
+// anyway, so the writer copies inline. The slow copy is waited for and then
+// invalidates the snapshot ("took"), and the origin write lands.
+TEST(FaultPosixTest, SlowShadowStorageOnTheOriginFilesystemIsWaitedForThenInvalidated) {
+  auto tmp = std::filesystem::temp_directory_path();
+  HungCopy h = WriteWhileShadowStorageHangs(tmp, tmp);
+  EXPECT_FALSE(h.info.valid);
+  EXPECT_EQ(h.info.cause, InvalidCause::kCopyTooSlow);
+  EXPECT_NE(h.info.invalid_message.find("took"), std::string::npos) << h.info.invalid_message;
+  EXPECT_GE(h.write_seconds, 1.5) << "the copy was not written by the writer";
 }
 
 }  // namespace

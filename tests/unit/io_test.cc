@@ -303,6 +303,19 @@ TEST_F(PosixEnvTest, Namespace) {
   EXPECT_EQ(env().CreateDir(dir_ + "/x/y").code(), Code::kNotFound);  // no parents
 }
 
+// st_dev decides; a block or character device is on no filesystem of files.
+TEST_F(PosixEnvTest, SameFilesystem) {
+  const std::string img = dir_ + "/vol.img";
+  ASSERT_TRUE(MustOpen(env(), img, OpenMode::kCreate)->Truncate(1 << 20).ok());
+  ASSERT_TRUE(env().CreateDir(dir_ + "/shadow").ok());
+  EXPECT_TRUE(env().SameFilesystem(dir_ + "/shadow", img).value());
+  auto other = env().SameFilesystem("/dev/shm", img);  // tmpfs on Debian
+  ASSERT_TRUE(other.ok()) << other.status().ToString();
+  EXPECT_FALSE(other.value());
+  EXPECT_FALSE(env().SameFilesystem("/dev", "/dev/null").value()) << "a device node is no file";
+  EXPECT_EQ(env().SameFilesystem(dir_ + "/none", img).status().code(), Code::kNotFound);
+}
+
 TEST_F(PosixEnvTest, StatFsVolumeAndClock) {
   auto st = env().StatFs(dir_);
   ASSERT_TRUE(st.ok()) << st.status().ToString();
@@ -628,6 +641,19 @@ TEST(MemEnvTest, ClockSyncCountStatsVolumes) {
   EXPECT_FALSE(env.IsOnVolume("/shadow2", "/dev/vol0").value());
   EXPECT_FALSE(env.IsOnVolume("/shadow", "/dev/vol1").value());
   EXPECT_FALSE(env.IsOnVolume("/other", "/dev/vol0").value());
+
+  // One filesystem, until a tree is made a filesystem of its own.
+  for (const char* d : {"/vol", "/shadow", "/shadow/a", "/shadow/a/inner", "/other"})
+    ASSERT_TRUE(env.CreateDir(d).ok()) << d;
+  MustOpen(env, "/vol/a.img", OpenMode::kCreate);
+  EXPECT_TRUE(env.SameFilesystem("/shadow/a", "/vol/a.img").value());
+  EXPECT_EQ(env.SameFilesystem("/shadow/none", "/vol/a.img").status().code(), Code::kNotFound);
+  env.SetSeparateFilesystem("/shadow");
+  env.SetSeparateFilesystem("/shadow/a/inner");
+  EXPECT_FALSE(env.SameFilesystem("/shadow/a", "/vol/a.img").value());
+  EXPECT_TRUE(env.SameFilesystem("/shadow/a", "/shadow").value());
+  EXPECT_TRUE(env.SameFilesystem("/other", "/vol/a.img").value());
+  EXPECT_FALSE(env.SameFilesystem("/shadow/a/inner", "/shadow/a").value());
 }
 
 // Random writes, punches, truncates, syncs and crashes at unaligned offsets,
