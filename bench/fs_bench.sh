@@ -19,8 +19,8 @@
 # runs RAW, then each UMBRA-n, back to back, REPEAT rounds: a ratio is taken
 # within one round (the VM's speed drifts by tens of percent over minutes)
 # and the summary gives the median per config and workload. Reports IOPS,
-# MB/s, ratio to RAW, umbrad CPU seconds per GiB written and umbrad's peak
-# resident memory.
+# MB/s, ratio to RAW, umbrad CPU seconds per GiB written, umbrad context
+# switches per I/O (all its threads) and umbrad's peak resident memory.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-/var/tmp/umbra-fs-bench}
@@ -43,7 +43,7 @@ mkdir -p "$mnt" "$rawmnt"
 daemon_pid=""
 rawloop=""
 results=$OUT/results.tsv
-echo -e "round\tconfig\tworkload\tiops\tmbs\tclat_us\tumbrad_cpu_s_per_gib" >"$results"
+echo -e "round\tconfig\tworkload\tiops\tmbs\tclat_us\tumbrad_cpu_s_per_gib\tumbrad_cs_per_io" >"$results"
 
 cleanup() {
   set +e
@@ -79,6 +79,11 @@ EOF
 }
 
 cpu_ticks() { [[ -n $daemon_pid ]] && awk '{print $14+$15}' "/proc/$daemon_pid/stat" || echo 0; }
+# Context switches of all umbrad threads so far (voluntary and not).
+ctx_switches() {
+  [[ -n $daemon_pid ]] || { echo 0; return; }
+  cat /proc/"$daemon_pid"/task/*/status 2>/dev/null | awk '/ctxt_switches/ {n += $2} END {print n + 0}'
+}
 peak_rss=0
 note_rss() {
   [[ -n $daemon_pid ]] || return 0
@@ -103,21 +108,28 @@ run_job() {  # round config workload
   esac
   sync
   echo 3 >/proc/sys/vm/drop_caches
-  local t0 t1
+  local t0 t1 c0 c1
   t0=$(cpu_ticks)
+  c0=$(ctx_switches)
   # shellcheck disable=SC2086
   fio $common $args >"$OUT/$cfg-$wl-$round.json"
   t1=$(cpu_ticks)
+  c1=$(ctx_switches)
   note_rss
-  python3 - "$OUT/$cfg-$wl-$round.json" "$cfg" "$wl" "$((t1 - t0))" "$(getconf CLK_TCK)" "$round" >>"$results" <<'EOF'
+  python3 - "$OUT/$cfg-$wl-$round.json" "$cfg" "$wl" "$((t1 - t0))" "$(getconf CLK_TCK)" "$round" \
+    "$((c1 - c0))" >>"$results" <<'EOF'
 import json, sys
 j = json.load(open(sys.argv[1]))["jobs"][0]
 cfg, wl, ticks, hz, rnd = sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), sys.argv[6]
+switches = int(sys.argv[7])
 side = j["read"] if "read" in wl else j["write"]
 gib = j["write"]["io_bytes"] / 2**30
-cpu = (ticks / hz / gib) if (gib > 0 and cfg.startswith("UMBRA")) else float("nan")
-print("%s\t%s\t%s\t%.0f\t%.1f\t%.0f\t%.2f" % (rnd, cfg, wl, side["iops"], side["bw_bytes"] / 1e6,
-                                          side["clat_ns"]["mean"] / 1000, cpu))
+ios = j["read"]["total_ios"] + j["write"]["total_ios"]
+umbra = cfg.startswith("UMBRA")
+cpu = (ticks / hz / gib) if (gib > 0 and umbra) else float("nan")
+cs = (switches / ios) if (ios > 0 and umbra) else float("nan")
+print("%s\t%s\t%s\t%.0f\t%.1f\t%.0f\t%.2f\t%.2f" % (rnd, cfg, wl, side["iops"],
+      side["bw_bytes"] / 1e6, side["clat_ns"]["mean"] / 1000, cpu, cs))
 EOF
   log "$(tail -1 "$results")"
 }
@@ -184,16 +196,18 @@ for r in rows:
 rounds = len({r["round"] for r in rows})
 print("Median of %d round(s); each ratio is taken within its round." % rounds)
 print()
-print("| config | workload | IOPS | MB/s | clat µs | vs RAW | ratios per round | umbrad CPU s/GiB written |")
-print("|---|---|---|---|---|---|---|---|")
+print("| config | workload | IOPS | MB/s | clat µs | vs RAW | ratios per round "
+      "| umbrad CPU s/GiB written | umbrad context switches per I/O |")
+print("|---|---|---|---|---|---|---|---|---|")
 def med(rs, k):
     return statistics.median(float(x[k]) for x in rs)
 for (cfg, wl), rs in cells.items():
     ratios = [float(x["iops"]) / raw[(x["round"], wl)] for x in rs if raw.get((x["round"], wl))]
-    print("| %s | %s | %.0f | %.1f | %.0f | %.2f | %s | %.2f |" % (
+    print("| %s | %s | %.0f | %.1f | %.0f | %.2f | %s | %.2f | %.2f |" % (
         cfg, wl, med(rs, "iops"), med(rs, "mbs"), med(rs, "clat_us"),
         statistics.median(ratios) if ratios else float("nan"),
-        " ".join("%.2f" % x for x in ratios), med(rs, "umbrad_cpu_s_per_gib")))
+        " ".join("%.2f" % x for x in ratios), med(rs, "umbrad_cpu_s_per_gib"),
+        med(rs, "umbrad_cs_per_io")))
 print("\numbrad peak resident memory: %.1f MiB" % (int(sys.argv[2]) / 1024))
 EOF
 
