@@ -79,10 +79,16 @@ EOF
 }
 
 cpu_ticks() { [[ -n $daemon_pid ]] && awk '{print $14+$15}' "/proc/$daemon_pid/stat" || echo 0; }
-# Context switches of all umbrad threads so far (voluntary and not).
+# Context switches of all umbrad threads so far (voluntary and not). A thread
+# may exit between listing and reading (libfuse retires idle workers): skip it.
 ctx_switches() {
   [[ -n $daemon_pid ]] || { echo 0; return; }
-  cat /proc/"$daemon_pid"/task/*/status 2>/dev/null | awk '/ctxt_switches/ {n += $2} END {print n + 0}'
+  local n=0 f v
+  for f in /proc/"$daemon_pid"/task/*/status; do
+    v=$(awk '/ctxt_switches/ {n += $2} END {print n + 0}' "$f" 2>/dev/null) || continue
+    n=$((n + v))
+  done
+  echo "$n"
 }
 peak_rss=0
 note_rss() {
