@@ -100,6 +100,10 @@ struct StorageUsage {
   MaxSize max_size;
   uint64_t copies = 0;           // chunks copied since open
   uint64_t zero_copies = 0;      // copies skipped because the chunk was free
+  // True when shadow storage is on the origin's filesystem and writers copy
+  // old chunks themselves; false when copier threads do it and a writer
+  // waits for them at most copy_timeout_ms.
+  bool copies_inline = false;
 };
 
 class Volume {

@@ -168,7 +168,10 @@ void AddStorageCommands(CLI::App& root, Context& ctx, Registry& reg) {
         g, "list", "Show shadow storage use",
         "Lists shadow storage of every volume (or of VOLUME): location, bytes used by snapshot\n"
         "data, bytes allocated on disk, maximum and percent of the maximum in use. A volume at\n"
-        "or over 80% (or 90%) of its maximum gets a warning line on stderr.",
+        "or over 80% (or 90%) of its maximum gets a warning line on stderr. With --json, each\n"
+        "entry also has copy_mode: \"inline\" when the storage is on the volume's own filesystem\n"
+        "(writers copy old chunks themselves), \"copier\" when it is elsewhere (a stalled disk\n"
+        "there invalidates snapshots after copy_timeout_ms instead of holding the volume).",
         {"umbra storage list", "umbra storage list db", "umbra --json storage list"});
     c->add_option("VOLUME", a->volume, "Only this volume")->type_name("");
     reg.Add(c, [&ctx, a] { return List(ctx, *a); });

@@ -520,7 +520,8 @@ Json Daemon::StorageObject(VolumeEntry& v) {
               {"used", u.used_bytes}, {"allocated", u.allocated_bytes},
               {"max", max},           {"max_size", u.max_size.ToString()},
               {"percent", percent},   {"warning", warning},
-              {"copies", u.copies},   {"zero_copies", u.zero_copies}};
+              {"copies", u.copies},   {"zero_copies", u.zero_copies},
+              {"copy_mode", u.copies_inline ? "inline" : "copier"}};
 }
 
 Json Daemon::VolumeObject(VolumeEntry& v) {

@@ -1154,6 +1154,7 @@ Result<std::vector<Extent>> VolumeImpl::LiveExtents(uint64_t off, uint64_t len) 
 
 StorageUsage VolumeImpl::GetStorageUsage() {
   StorageUsage u;
+  u.copies_inline = copy_inline_;
   std::shared_ptr<Journal> jnl;
   {
     std::lock_guard l(meta_mu_);

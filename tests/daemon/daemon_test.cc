@@ -773,6 +773,7 @@ TEST_F(DaemonTest, BadInputChangesNothing) {
   const std::string uuid = before["volumes"][0]["uuid"];
   EXPECT_EQ(moved["location"], other + "/umbra-shadow-" + uuid);
   EXPECT_EQ(moved["max_size"], "20%");
+  EXPECT_EQ(moved["copy_mode"], "inline") << "same filesystem as the volume's file";
   EXPECT_TRUE(fs::exists(other + "/umbra-shadow-" + uuid));
   EXPECT_FALSE(fs::exists(env_.state_dir() + "/shadow/" + uuid));
   Json snap = Ok(c, "snapshot.create", {{"volumes", {"a"}}, {"persistent", true}});
@@ -787,7 +788,19 @@ TEST_F(DaemonTest, BadInputChangesNothing) {
   Json storage = Ok(c, "storage.list")["storage"];
   ASSERT_EQ(storage.size(), 1u);
   EXPECT_EQ(storage[0]["location"], env_.state_dir() + "/shadow/" + uuid);
+  EXPECT_EQ(storage[0]["copy_mode"], "inline");
   EXPECT_FALSE(fs::exists(other + "/umbra-shadow-" + uuid));
+
+  // On another filesystem (tmpfs), copier threads copy with a bounded wait.
+  const std::string shm = "/dev/shm/umbra-daemon-test-" + uuid;
+  ASSERT_EQ(::mkdir(shm.c_str(), 0700), 0);
+  struct RemoveShm {
+    std::string d;
+    ~RemoveShm() { fs::remove_all(d); }
+  } remove_shm{shm};
+  EXPECT_EQ(Ok(c, "storage.add", {{"volume", "a"}, {"on", shm}})["copy_mode"], "copier");
+  EXPECT_EQ(Ok(c, "storage.list")["storage"][0]["copy_mode"], "copier");
+  Ok(c, "storage.delete", {{"volume", "a"}});
 }
 
 }  // namespace

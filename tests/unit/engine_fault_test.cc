@@ -31,6 +31,7 @@ class FaultTest : public ::testing::TestWithParam<bool> {
     ASSERT_TRUE(v.ok()) << v.status().ToString();
     cfg_.uuid = (*v)->config().uuid;
     vol_ = std::move(v).value();
+    EXPECT_EQ(vol_->GetStorageUsage().copies_inline, !OwnFilesystem());
     live_.assign(kSize, std::byte{0});
     Write(0, RandomBytes(rng_, kSize));
   }
