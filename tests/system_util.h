@@ -72,11 +72,12 @@ inline void WriteBytes(const std::string& path, const std::string& text) {
   WriteBytes(path, std::span(reinterpret_cast<const std::byte*>(text.data()), text.size()));
 }
 
-// A fresh directory /var/tmp/PREFIX-XXXXXX, removed with everything in it.
+// A fresh directory PARENT/PREFIX-XXXXXX (PARENT /var/tmp unless given),
+// removed with everything in it.
 class TempDir {
  public:
-  explicit TempDir(const std::string& prefix) {
-    std::string tmpl = "/var/tmp/" + prefix + "-XXXXXX";
+  explicit TempDir(const std::string& prefix, const std::string& parent = "/var/tmp") {
+    std::string tmpl = parent + "/" + prefix + "-XXXXXX";
     if (::mkdtemp(tmpl.data()) != nullptr) path_ = tmpl;
   }
   ~TempDir() {

@@ -792,13 +792,9 @@ TEST_F(DaemonTest, BadInputChangesNothing) {
   EXPECT_FALSE(fs::exists(other + "/umbra-shadow-" + uuid));
 
   // On another filesystem (tmpfs), copier threads copy with a bounded wait.
-  const std::string shm = "/dev/shm/umbra-daemon-test-" + uuid;
-  ASSERT_EQ(::mkdir(shm.c_str(), 0700), 0);
-  struct RemoveShm {
-    std::string d;
-    ~RemoveShm() { fs::remove_all(d); }
-  } remove_shm{shm};
-  EXPECT_EQ(Ok(c, "storage.add", {{"volume", "a"}, {"on", shm}})["copy_mode"], "copier");
+  test_util::TempDir shm("umbra-daemon-test", "/dev/shm");
+  ASSERT_FALSE(shm.path().empty());
+  EXPECT_EQ(Ok(c, "storage.add", {{"volume", "a"}, {"on", shm.path()}})["copy_mode"], "copier");
   EXPECT_EQ(Ok(c, "storage.list")["storage"][0]["copy_mode"], "copier");
   Ok(c, "storage.delete", {{"volume", "a"}});
 }

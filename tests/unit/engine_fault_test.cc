@@ -8,6 +8,7 @@
 
 #include "engine_harness.h"
 #include "io/fault_env.h"
+#include "system_util.h"
 
 namespace umbra::testing {
 namespace {
@@ -309,22 +310,15 @@ struct HungCopy {
   SnapshotInfo info;
   double write_seconds = 0;
 };
-HungCopy WriteWhileShadowStorageHangs(const std::filesystem::path& origin_dir,
-                                      const std::filesystem::path& shadow_parent) {
-  namespace fs = std::filesystem;
-  std::string tag = "umbra-fault-test-" + NewUuid();
-  fs::path dir = origin_dir / tag;
-  fs::path sdir = shadow_parent / tag;
-  fs::create_directories(dir);
-  fs::create_directories(sdir);
-  struct Cleanup {
-    fs::path a, b;
-    ~Cleanup() {
-      fs::remove_all(a);
-      fs::remove_all(b);
-    }
-  } cleanup{dir, sdir};
+HungCopy WriteWhileShadowStorageHangs(const std::string& origin_parent,
+                                      const std::string& shadow_parent) {
+  test_util::TempDir origin_dir("umbra-fault-test", origin_parent);
+  test_util::TempDir shadow_dir("umbra-fault-test", shadow_parent);
   HungCopy out;
+  EXPECT_FALSE(origin_dir.path().empty() || shadow_dir.path().empty());
+  if (origin_dir.path().empty() || shadow_dir.path().empty()) return out;
+  const std::filesystem::path dir = origin_dir.path();
+  const std::filesystem::path sdir = shadow_dir.path();
   FaultEnv fault(DefaultEnv());
   {
     auto f = DefaultEnv()->Open((dir / "vol.img").string(), OpenMode::kCreate);
@@ -364,10 +358,9 @@ HungCopy WriteWhileShadowStorageHangs(const std::filesystem::path& origin_dir,
 // hold an origin write for longer than the copy timeout: the writer gives up
 // waiting ("exceeded") rather than noticing afterwards that it took too long.
 TEST(FaultPosixTest, HungShadowStorageOnItsOwnFilesystemDoesNotHoldTheOrigin) {
-  auto tmp = std::filesystem::temp_directory_path();
-  ASSERT_FALSE(DefaultEnv()->SameFilesystem(tmp.string(), "/dev/shm").value())
-      << "needs /dev/shm on a filesystem other than " << tmp;
-  HungCopy h = WriteWhileShadowStorageHangs(tmp, "/dev/shm");
+  ASSERT_FALSE(DefaultEnv()->SameFilesystem("/var/tmp", "/dev/shm").value())
+      << "needs /dev/shm on a filesystem other than /var/tmp";
+  HungCopy h = WriteWhileShadowStorageHangs("/var/tmp", "/dev/shm");
   EXPECT_FALSE(h.info.valid);
   EXPECT_EQ(h.info.cause, InvalidCause::kCopyTooSlow);
   EXPECT_NE(h.info.invalid_message.find("exceeded"), std::string::npos) << h.info.invalid_message;
@@ -378,8 +371,7 @@ TEST(FaultPosixTest, HungShadowStorageOnItsOwnFilesystemDoesNotHoldTheOrigin) {
 // anyway, so the writer copies inline. The slow copy is waited for and then
 // invalidates the snapshot ("took"), and the origin write lands.
 TEST(FaultPosixTest, SlowShadowStorageOnTheOriginFilesystemIsWaitedForThenInvalidated) {
-  auto tmp = std::filesystem::temp_directory_path();
-  HungCopy h = WriteWhileShadowStorageHangs(tmp, tmp);
+  HungCopy h = WriteWhileShadowStorageHangs("/var/tmp", "/var/tmp");
   EXPECT_FALSE(h.info.valid);
   EXPECT_EQ(h.info.cause, InvalidCause::kCopyTooSlow);
   EXPECT_NE(h.info.invalid_message.find("took"), std::string::npos) << h.info.invalid_message;
