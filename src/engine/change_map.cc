@@ -15,7 +15,6 @@ constexpr uint32_t kStateOpen = 1;
 constexpr uint32_t kStateClosed = 2;
 constexpr size_t kCrcOffset = 84;
 
-
 }  // namespace
 
 ChangeMap::ChangeMap(std::unique_ptr<File> file, uint64_t size, uint32_t region)

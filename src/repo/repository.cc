@@ -204,7 +204,6 @@ void HeaderFrom(const Json& j, Manifest* m) {
   m->stats.seconds = st.at("seconds").get<double>();
 }
 
-
 std::vector<std::byte> EncodeManifest(const Manifest& m) {
   const std::string header = ManifestHeaderJson(m).dump();
   const size_t k = sizeof(ChunkId), c = m.chunks.size();
