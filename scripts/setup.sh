@@ -14,7 +14,7 @@ PACKAGES=(
   clang-format
   nlohmann-json3-dev libcli11-dev libtomlplusplus-dev libsystemd-dev
   fio e2fsprogs xfsprogs util-linux procps
-  libfuse3-dev fuse3
+  libfuse3-dev fuse3 liburing-dev
   libnbd-bin libnbd-dev nbdfuse qemu-utils clang
   libzstd-dev zstd libssl-dev libext2fs-dev partclone sqlite3 time
   postgresql

@@ -5,6 +5,7 @@
 #include <gtest/gtest.h>
 
 #include <cstring>
+#include <future>
 #include <map>
 #include <memory>
 #include <string>
@@ -37,6 +38,15 @@ struct VolumeModel {
   }
   void Zero(uint64_t off, uint64_t len) { std::memset(live.data() + off, 0, len); }
 };
+
+// Volume::WriteAsync, waited for: returns what `done` was called with.
+inline Status WriteAndWait(Volume& v, uint64_t off, std::span<const std::byte> data,
+                           bool fua = false) {
+  std::promise<Status> p;
+  auto f = p.get_future();
+  v.WriteAsync(off, data, fua, [&p](Status s) { p.set_value(std::move(s)); });
+  return f.get();
+}
 
 // First differing offset, or -1.
 inline int64_t FirstDiff(std::span<const std::byte> a, std::span<const std::byte> b) {

@@ -10,6 +10,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <span>
 #include <string>
@@ -131,6 +132,17 @@ class Volume {
   virtual Status Discard(uint64_t off, uint64_t len) = 0;
   virtual Status WriteZeroes(uint64_t off, uint64_t len) = 0;
   virtual Status Flush() = 0;
+  // Write, finished later: `done` is called exactly once with what Write
+  // would have returned, either before WriteAsync returns or from the
+  // volume's I/O thread (so it must not block, and must not call back into
+  // this Volume). `buf` need only stay valid until WriteAsync returns. Only a
+  // write that must copy old chunks, with shadow storage on the origin's
+  // filesystem, is finished on the I/O thread; the default does Write.
+  using WriteDone = std::function<void(Status)>;
+  virtual void WriteAsync(uint64_t off, std::span<const std::byte> buf, bool fua,
+                          WriteDone done) {
+    done(Write(off, buf, fua));
+  }
 
   // Snapshots.
   virtual Result<SnapshotInfo> CreateSnapshot(const SnapshotOptions& opts) = 0;

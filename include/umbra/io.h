@@ -51,6 +51,8 @@ class File {
   virtual Result<uint64_t> AllocatedBytes() = 0;
   // The path the file was opened with.
   virtual const std::string& path() const = 0;
+  // The POSIX descriptor behind the file, or -1 (in-memory files).
+  virtual int fd() const { return -1; }
 };
 
 enum class OpenMode : uint8_t {

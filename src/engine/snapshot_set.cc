@@ -37,7 +37,7 @@ Result<std::vector<SnapshotInfo>> CreateSnapshotSet(std::span<Volume* const> vol
   size_t created = 0;
   {
     // The instant: writes to every member are held off together.
-    std::vector<std::unique_lock<std::shared_mutex>> gates;
+    std::vector<std::unique_lock<RwLock>> gates;
     for (auto* v : order) gates.emplace_back(v->gate());
     for (size_t i = 0; i < vols.size(); ++i) {
       auto r = vols[i]->AddSnapshotLocked(opts, set_uuid, static_cast<uint32_t>(vols.size()),

@@ -11,6 +11,11 @@
 #include "base/units.h"
 #include "engine/volume_impl.h"
 
+#include <liburing.h>
+#include <sys/eventfd.h>
+#include <sys/prctl.h>
+#include <unistd.h>
+
 namespace umbra {
 
 std::string_view InvalidCauseName(InvalidCause c) {
@@ -62,6 +67,9 @@ uint64_t UnixNowNs() {
 constexpr uint64_t kDirectAlign = 4096;
 constexpr uint64_t kRotateBytes = 64ull << 20;
 constexpr int kCopiers = 2;
+constexpr unsigned kRingEntries = 256;  // old-chunk reads in one submission
+constexpr size_t kAsyncPoolMax = 256;   // spare AsyncWrite objects kept
+constexpr size_t kAsyncMaxBytes = 16 << 20;  // larger: Write (no copy of their data)
 // Most chunks one copier pass takes from the queue.
 constexpr size_t kCopierBatchItems = 256;
 
@@ -108,10 +116,27 @@ VolumeImpl::VolumeImpl(Env* env, VolumeConfig cfg, Uuid uuid, uint64_t size,
   // snapshots, their syncs) overlap; the journal batches their syncs.
   if (!copy_inline_)
     for (int i = 0; i < kCopiers; ++i) copiers_.emplace_back([this] { CopierMain(); });
+  // Writes that copy inline hand their old-chunk reads to the I/O thread.
+  if (copy_inline_) {
+    io_efd_ = ::eventfd(0, EFD_CLOEXEC);
+    if (io_efd_ >= 0) {
+      async_ = true;
+      io_thread_ = std::thread([this] { IoMain(); });
+    }
+  }
 }
 
 VolumeImpl::~VolumeImpl() {
   Close().IgnoreError();
+  if (io_thread_.joinable()) {
+    {
+      std::lock_guard l(aq_mu_);
+      io_stop_ = true;
+    }
+    ::eventfd_write(io_efd_, 1);
+    io_thread_.join();
+  }
+  if (io_efd_ >= 0) ::close(io_efd_);
   {
     std::lock_guard l(copier_mu_);
     stop_ = true;
@@ -474,144 +499,398 @@ Status VolumeImpl::Write(uint64_t off, std::span<const std::byte> buf, bool fua)
   return SyncFreeMap();
 }
 
+// ------------------------------------------------- asynchronous writes --
+//
+// A write that must copy old chunks, when copies are written inline: the
+// serving thread takes the gate and the stripes and plans the copies (slots,
+// zero copies), then hands the write to the I/O thread and returns to serve
+// the next request. The I/O thread reads the old chunks for every queued
+// write in one io_uring submission, and as each write's reads complete it
+// writes the copies, records them, applies the write to the origin, releases
+// the locks and calls `done`. So no thread sleeps per old-chunk read, and
+// the reads of concurrent writes go to the disk together.
+
+namespace {
+
+// Marks the calling thread as an I/O flusher (its allocations do not recurse
+// into I/O on the device it serves). Best effort: umbrad warns at start when
+// it is not permitted.
+void MarkIoFlusherThread() { ::prctl(PR_SET_IO_FLUSHER, 1, 0, 0, 0); }
+
+}  // namespace
+
+std::unique_ptr<AsyncWrite> VolumeImpl::GetAsyncOp() {
+  {
+    std::lock_guard l(aq_mu_);
+    if (!op_pool_.empty()) {
+      auto op = std::move(op_pool_.back());
+      op_pool_.pop_back();
+      return op;
+    }
+  }
+  return std::make_unique<AsyncWrite>();
+}
+
+void VolumeImpl::PutAsyncOp(std::unique_ptr<AsyncWrite> op) {
+  op->done = nullptr;
+  op->plan = CopyPlan{};
+  op->reads.clear();
+  op->idx.clear();
+  op->pending = 0;
+  op->read_status = Status::Ok();
+  std::lock_guard l(aq_mu_);
+  if (op_pool_.size() < kAsyncPoolMax) op_pool_.push_back(std::move(op));
+}
+
+void VolumeImpl::WriteAsync(uint64_t off, std::span<const std::byte> buf, bool fua,
+                            WriteDone done) {
+  // Whatever needs no copy, or is unusual (FUA, huge, errors, free chunks),
+  // goes the synchronous way.
+  if (!async_ || fua || buf.empty() || buf.size() > kAsyncMaxBytes || off > size_ ||
+      buf.size() > size_ - off ||
+      (cfg_.direct_io && (!Aligned(off) || !Aligned(buf.size()))) || !cow_active_.load())
+    return done(Write(off, buf, fua));
+  const uint64_t c0 = ChunkOf(off), c1 = ChunkOf(off + buf.size() - 1);
+  gate_.lock_shared();
+  bool sync = closed_;
+  bool all_copied = true;
+  for (uint64_t c = c0; c <= c1 && !sync; ++c) {
+    sync = state_.free_map().Test(c);
+    all_copied = all_copied && state_.copied().Test(c);
+  }
+  if (sync || all_copied) {
+    gate_.unlock_shared();
+    return done(Write(off, buf, fua));
+  }
+  changes_->Mark(off, buf.size());  // before the write: rule 6.1
+  std::unique_ptr<AsyncWrite> op = GetAsyncOp();
+  op->off = off;
+  op->c0 = c0;
+  op->c1 = c1;
+  for (uint64_t c = c0; c <= c1; ++c) op->idx.push_back(c % stripes_.size());
+  std::sort(op->idx.begin(), op->idx.end());
+  op->idx.erase(std::unique(op->idx.begin(), op->idx.end()), op->idx.end());
+  for (size_t i : op->idx) stripes_[i].lock();
+  auto release = [&] {
+    for (auto it = op->idx.rbegin(); it != op->idx.rend(); ++it) stripes_[*it].unlock();
+    gate_.unlock_shared();
+    PutAsyncOp(std::move(op));
+  };
+  // Free bits change only under the stripes, so this answer holds.
+  for (uint64_t c = c0; c <= c1 && !sync; ++c) sync = state_.free_map().Test(c);
+  if (sync) {
+    release();
+    return done(Write(off, buf, fua));
+  }
+  Status s = PlanCopies(c0, c1, &op->plan);
+  if (!s.ok() || op->plan.jobs.empty()) {  // refused, or only zero copies
+    if (s.ok()) s = OriginWrite(off, buf);
+    release();
+    return done(s);
+  }
+  GetCopyBuffers(&op->plan);
+  op->data.assign(buf.begin(), buf.end());
+  op->done = std::move(done);
+  for (auto& j : op->plan.jobs) {
+    auto [cstart, len] = OldChunkRange(*j);
+    op->reads.push_back({op.get(), j.get(), cstart, static_cast<uint32_t>(len)});
+  }
+  bool wake;
+  {
+    std::lock_guard l(aq_mu_);
+    aq_.push_back(op.release());
+    wake = io_sleeping_;
+    io_sleeping_ = false;
+  }
+  if (wake) ::eventfd_write(io_efd_, 1);
+}
+
+void VolumeImpl::FinishAsync(AsyncWrite* op) {
+  Status s = op->read_status;
+  if (!s.ok()) {
+    FreePlanSlots(&op->plan);
+    s = s.Annotate("reading the origin to preserve it");
+  } else {
+    WriteCopies(op->plan.jobs);
+    for (auto& j : op->plan.jobs) j->state.store(1);
+    bool retry = false;
+    s = FinishCopies(&op->plan, &retry, 0);
+    // A full store dropped a snapshot: copy what is still needed the
+    // synchronous way (we hold the stripes).
+    if (s.ok() && retry) s = PreserveChunks(op->c0, op->c1);
+    if (s.ok()) s = OriginWrite(op->off, op->data);
+  }
+  for (auto it = op->idx.rbegin(); it != op->idx.rend(); ++it) stripes_[*it].unlock();
+  gate_.unlock_shared();
+  WriteDone done = std::move(op->done);
+  PutAsyncOp(std::unique_ptr<AsyncWrite>(op));
+  done(std::move(s));
+}
+
+void VolumeImpl::IoMain() {
+  MarkIoFlusherThread();
+  // The ring belongs to this thread alone: completions are reaped here, so
+  // DEFER_TASKRUN (run completion work only when this thread asks) applies.
+  io_uring ring;
+  io_uring_params params{};
+  params.flags = IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN;
+  bool have_ring = origin_->fd() >= 0 && io_uring_queue_init_params(kRingEntries, &ring,
+                                                                   &params) == 0;
+  if (!have_ring && origin_->fd() >= 0)  // kernels before 6.1
+    have_ring = io_uring_queue_init(kRingEntries, &ring, 0) == 0;
+  uint64_t wake_count = 0;
+  auto arm_wake = [&] {  // completes when a serving thread writes the eventfd
+    io_uring_sqe* sqe = io_uring_get_sqe(&ring);
+    if (sqe == nullptr) std::abort();  // called with the submission queue empty
+    io_uring_prep_read(sqe, io_efd_, &wake_count, sizeof wake_count, 0);
+    io_uring_sqe_set_data(sqe, nullptr);
+  };
+  if (have_ring) arm_wake();
+  size_t inflight = 0;
+  std::vector<AsyncWrite*> batch, completed;
+  for (;;) {
+    batch.clear();
+    bool idle;
+    {
+      std::lock_guard l(aq_mu_);
+      batch.swap(aq_);
+      idle = batch.empty();
+      if (idle && io_stop_ && inflight == 0) break;
+      io_sleeping_ = idle;
+    }
+    if (!have_ring) {  // in-memory origin or no io_uring: read here, one by one
+      for (AsyncWrite* op : batch) {
+        for (auto& r : op->reads)
+          if (op->read_status.ok())
+            op->read_status = origin_->ReadAt(r.off, std::span(r.job->buf.get(), r.len));
+        FinishAsync(op);
+      }
+      if (idle) {
+        eventfd_t v;
+        ::eventfd_read(io_efd_, &v);
+      }
+      continue;
+    }
+    for (AsyncWrite* op : batch) {
+      for (auto& r : op->reads) {
+        io_uring_sqe* sqe = io_uring_get_sqe(&ring);
+        if (sqe == nullptr) {  // full: pass what we have to the kernel
+          io_uring_submit(&ring);
+          sqe = io_uring_get_sqe(&ring);
+          if (sqe == nullptr) std::abort();
+        }
+        io_uring_prep_read(sqe, origin_->fd(), r.job->buf.get(), r.len, r.off);
+        io_uring_sqe_set_data(sqe, &r);
+        ++op->pending;
+      }
+      ++inflight;
+    }
+    if (idle) {
+      io_uring_submit_and_wait(&ring, 1);
+    } else {
+      io_uring_submit_and_get_events(&ring);
+    }
+    {
+      std::lock_guard l(aq_mu_);
+      io_sleeping_ = false;
+    }
+    completed.clear();
+    io_uring_cqe* cqe;
+    unsigned head, seen = 0;
+    io_uring_for_each_cqe(&ring, head, cqe) {
+      ++seen;
+      auto* r = static_cast<AsyncWrite::ReadOp*>(io_uring_cqe_get_data(cqe));
+      if (r == nullptr) {
+        arm_wake();
+        continue;
+      }
+      AsyncWrite* op = r->op;
+      // Anything but a whole read (an error, EAGAIN, a short read at the end
+      // of the file) is redone with ReadAt, which reports errors, retries
+      // EINTR and reads zeros past the end.
+      if (cqe->res != static_cast<int>(r->len) && op->read_status.ok())
+        op->read_status = origin_->ReadAt(r->off, std::span(r->job->buf.get(), r->len));
+      if (--op->pending == 0) completed.push_back(op);
+    }
+    io_uring_cq_advance(&ring, seen);
+    for (AsyncWrite* op : completed) {
+      FinishAsync(op);
+      --inflight;
+    }
+  }
+  if (have_ring) io_uring_queue_exit(&ring);
+}
+
+Status VolumeImpl::PlanCopies(uint64_t c0, uint64_t c1, CopyPlan* plan) {
+  auto& jobs = plan->jobs;
+  uint64_t& sync_lsn = plan->sync_lsn;
+  std::shared_ptr<Journal>& jnl = plan->jnl;
+  {
+    std::unique_lock l(meta_mu_);
+    uint64_t needed = 0;
+    for (uint64_t c = c0; c <= c1; ++c)
+      if (state_.NeedsCopy(c) && !state_.free_at_newest().Test(c)) ++needed;
+    if (needed > 0) {
+      Status s = ReserveSlots(l, needed);
+      if (!s.ok()) return s;  // protection level "snapshot": fail the write
+    }
+    jnl = journal_;
+    for (uint64_t c = c0; c <= c1; ++c) {
+      if (!state_.NeedsCopy(c)) continue;
+      bool persistent = state_.NewExceptionIsPersistent(c);
+      if (state_.free_at_newest().Test(c)) {
+        // Free at the instant: the snapshot reads zeros; nothing to copy.
+        uint64_t key = state_.newest_valid();
+        state_.AddException(c, kZeroSlot);
+        zero_copies_.fetch_add(1);
+        Record r;
+        r.type = RecordType::kException;
+        r.chunk = c;
+        r.key = key;
+        r.slot = kZeroSlot;
+        uint64_t lsn = jnl->Append(r);
+        if (persistent) sync_lsn = lsn;
+        continue;
+      }
+      uint64_t key = state_.newest_valid();
+      uint64_t slot = state_.AllocSlot();
+      if (jobs.empty() || jobs.back()->items.back().chunk + 1 != c)
+        jobs.push_back(std::make_shared<CopyJob>());
+      jobs.back()->items.push_back({c, key, slot, persistent});
+    }
+  }
+  return Status::Ok();
+}
+
+std::pair<uint64_t, uint64_t> VolumeImpl::OldChunkRange(const CopyJob& j) const {
+  uint64_t cstart = j.items.front().chunk << shift_;
+  return {cstart, std::min<uint64_t>(j.items.size() * uint64_t{cfg_.chunk_size}, size_ - cstart)};
+}
+
+void VolumeImpl::GetCopyBuffers(CopyPlan* plan) {
+  for (auto& j : plan->jobs) {
+    size_t n = j->items.size();
+    if (n == 1) {
+      j->buf = pool_.Get();
+      j->pooled = true;
+    } else if (n * cfg_.chunk_size <= run_pool_.size()) {
+      j->buf = run_pool_.Get();  // e.g. the chunks under one 1 MiB write
+      j->pooled = true;
+    } else {
+      void* p = std::aligned_alloc(kDirectAlign, n * cfg_.chunk_size);
+      if (p == nullptr) std::abort();
+      j->buf.reset(static_cast<std::byte*>(p));
+    }
+    uint64_t len = OldChunkRange(*j).second;
+    if (len < n * cfg_.chunk_size) std::memset(j->buf.get() + len, 0, n * cfg_.chunk_size - len);
+  }
+}
+
+void VolumeImpl::FreePlanSlots(CopyPlan* plan) {
+  std::unique_lock l(meta_mu_);
+  for (auto& j : plan->jobs)
+    for (auto& it : j->items) state_.FreeSlot(it.slot);
+}
+
+Status VolumeImpl::FinishCopies(CopyPlan* plan, bool* retry_out, int attempt) {
+  auto& jobs = plan->jobs;
+  uint64_t sync_lsn = plan->sync_lsn;
+  std::shared_ptr<Journal>& jnl = plan->jnl;
+  *retry_out = false;
+  std::unique_lock l(meta_mu_);
+  Status failure;
+  InvalidCause cause = InvalidCause::kNone;
+  bool retry = false;
+  const uint64_t bound_ns = uint64_t{cfg_.copy_timeout_ms} * 1'000'000;
+  for (auto& j : jobs) {
+    if (j->state.load() == 2) {  // abandoned: the copier frees the slots
+      cause = InvalidCause::kCopyTooSlow;
+      failure = Status::TimedOut("copy to shadow storage exceeded " +
+                                 std::to_string(cfg_.copy_timeout_ms) + " ms");
+      continue;
+    }
+    Status s = j->status;
+    if (s.ok() && j->duration_ns > bound_ns) {
+      s = Status::TimedOut("copy to shadow storage took " +
+                           std::to_string(j->duration_ns / 1'000'000) + " ms, bound " +
+                           std::to_string(cfg_.copy_timeout_ms) + " ms");
+      cause = InvalidCause::kCopyTooSlow;
+    }
+    for (auto& it : j->items) {
+      if (s.ok() && state_.AddExceptionKeyed(it.chunk, it.key, it.slot)) {
+        copies_.fetch_add(1);
+      } else {
+        state_.FreeSlot(it.slot);
+      }
+    }
+    if (s.ok()) continue;
+    if (cause == InvalidCause::kNone) {
+      cause = s.code() == Code::kNoSpace ? InvalidCause::kStorageFull
+                                         : InvalidCause::kStorageIOError;
+    }
+    if (failure.ok()) failure = s;
+  }
+  for (auto& j : jobs) {
+    if (j->state.load() != 1 || !j->pooled) continue;
+    if (j->items.size() == 1) {
+      pool_.Put(std::move(j->buf));
+    } else {
+      run_pool_.Put(std::move(j->buf));
+    }
+  }
+  if (failure.ok()) {
+    l.unlock();
+    if (sync_lsn != 0) {
+      Status s = jnl->SyncTo(sync_lsn);
+      if (!s.ok()) {
+        l.lock();
+        if (cfg_.protection == ProtectionLevel::kSnapshot) return s;
+        InvalidateAllLocked(l, InvalidCause::kStorageIOError, s.message());
+      }
+    }
+    return Status::Ok();
+  }
+  if (cfg_.protection == ProtectionLevel::kSnapshot)
+    return failure.Annotate("origin write refused to protect snapshots");
+  if (cause == InvalidCause::kStorageFull && state_.valid_count() > 1 && attempt < 64) {
+    // Disk full: drop the oldest snapshot and try again (copies that
+    // succeeded are kept; the retry copies only what is still needed).
+    RemoveSnapshotLocked(l, state_.oldest_valid()).IgnoreError();  // failure invalidates all
+    retry = true;
+  } else {
+    InvalidateAllLocked(l, cause, failure.message());
+  }
+  *retry_out = retry;
+  return Status::Ok();
+}
+
 Status VolumeImpl::PreserveChunks(uint64_t c0, uint64_t c1) {
   if (!cow_active_.load()) return Status::Ok();
   for (int attempt = 0;; ++attempt) {
-    std::vector<std::shared_ptr<CopyJob>> jobs;
-    uint64_t sync_lsn = 0;
-    std::shared_ptr<Journal> jnl;
-    {
-      std::unique_lock l(meta_mu_);
-      uint64_t needed = 0;
-      for (uint64_t c = c0; c <= c1; ++c)
-        if (state_.NeedsCopy(c) && !state_.free_at_newest().Test(c)) ++needed;
-      if (needed > 0) {
-        Status s = ReserveSlots(l, needed);
-        if (!s.ok()) return s;  // protection level "snapshot": fail the write
-      }
-      jnl = journal_;
-      for (uint64_t c = c0; c <= c1; ++c) {
-        if (!state_.NeedsCopy(c)) continue;
-        bool persistent = state_.NewExceptionIsPersistent(c);
-        if (state_.free_at_newest().Test(c)) {
-          // Free at the instant: the snapshot reads zeros; nothing to copy.
-          uint64_t key = state_.newest_valid();
-          state_.AddException(c, kZeroSlot);
-          zero_copies_.fetch_add(1);
-          Record r;
-          r.type = RecordType::kException;
-          r.chunk = c;
-          r.key = key;
-          r.slot = kZeroSlot;
-          uint64_t lsn = jnl->Append(r);
-          if (persistent) sync_lsn = lsn;
-          continue;
-        }
-        uint64_t key = state_.newest_valid();
-        uint64_t slot = state_.AllocSlot();
-        if (jobs.empty() || jobs.back()->items.back().chunk + 1 != c)
-          jobs.push_back(std::make_shared<CopyJob>());
-        jobs.back()->items.push_back({c, key, slot, persistent});
-      }
-    }
+    CopyPlan plan;
+    UMBRA_RETURN_IF_ERROR(PlanCopies(c0, c1, &plan));
+    GetCopyBuffers(&plan);
     // Read the old contents (we hold the stripes: nobody else writes them),
     // each run of consecutive chunks in one read.
     Status rs;
-    for (auto& j : jobs) {
-      size_t n = j->items.size();
-      if (n == 1) {
-        j->buf = pool_.Get();
-        j->pooled = true;
-      } else if (n * cfg_.chunk_size <= run_pool_.size()) {
-        j->buf = run_pool_.Get();  // e.g. the chunks under one 1 MiB write
-        j->pooled = true;
-      } else {
-        void* p = std::aligned_alloc(kDirectAlign, n * cfg_.chunk_size);
-        if (p == nullptr) std::abort();
-        j->buf.reset(static_cast<std::byte*>(p));
-      }
-      uint64_t cstart = j->items.front().chunk << shift_;
-      uint64_t len = std::min<uint64_t>(n * uint64_t{cfg_.chunk_size}, size_ - cstart);
-      if (len < n * cfg_.chunk_size) std::memset(j->buf.get() + len, 0, n * cfg_.chunk_size - len);
+    for (auto& j : plan.jobs) {
+      auto [cstart, len] = OldChunkRange(*j);
       if (rs.ok()) rs = origin_->ReadAt(cstart, std::span(j->buf.get(), len));
     }
     if (!rs.ok()) {
-      std::unique_lock l(meta_mu_);
-      for (auto& j : jobs)
-        for (auto& it : j->items) state_.FreeSlot(it.slot);
+      FreePlanSlots(&plan);
       return rs.Annotate("reading the origin to preserve it");
     }
-    if (!jobs.empty() && copy_inline_) {
-      WriteCopies(jobs);
-      for (auto& j : jobs) j->state.store(1);
-    } else if (!jobs.empty()) {
-      Submit(jobs);
-      WaitJobs(jobs);  // on timeout the jobs are marked abandoned
+    if (!plan.jobs.empty() && copy_inline_) {
+      WriteCopies(plan.jobs);
+      for (auto& j : plan.jobs) j->state.store(1);
+    } else if (!plan.jobs.empty()) {
+      Submit(plan.jobs);
+      WaitJobs(plan.jobs);  // on timeout the jobs are marked abandoned
     }
-    std::unique_lock l(meta_mu_);
-    Status failure;
-    InvalidCause cause = InvalidCause::kNone;
     bool retry = false;
-    const uint64_t bound_ns = uint64_t{cfg_.copy_timeout_ms} * 1'000'000;
-    for (auto& j : jobs) {
-      if (j->state.load() == 2) {  // abandoned: the copier frees the slots
-        cause = InvalidCause::kCopyTooSlow;
-        failure = Status::TimedOut("copy to shadow storage exceeded " +
-                                   std::to_string(cfg_.copy_timeout_ms) + " ms");
-        continue;
-      }
-      Status s = j->status;
-      if (s.ok() && j->duration_ns > bound_ns) {
-        s = Status::TimedOut("copy to shadow storage took " +
-                             std::to_string(j->duration_ns / 1'000'000) + " ms, bound " +
-                             std::to_string(cfg_.copy_timeout_ms) + " ms");
-        cause = InvalidCause::kCopyTooSlow;
-      }
-      for (auto& it : j->items) {
-        if (s.ok() && state_.AddExceptionKeyed(it.chunk, it.key, it.slot)) {
-          copies_.fetch_add(1);
-        } else {
-          state_.FreeSlot(it.slot);
-        }
-      }
-      if (s.ok()) continue;
-      if (cause == InvalidCause::kNone) {
-        cause = s.code() == Code::kNoSpace ? InvalidCause::kStorageFull
-                                           : InvalidCause::kStorageIOError;
-      }
-      if (failure.ok()) failure = s;
-    }
-    for (auto& j : jobs) {
-      if (j->state.load() != 1 || !j->pooled) continue;
-      if (j->items.size() == 1) {
-        pool_.Put(std::move(j->buf));
-      } else {
-        run_pool_.Put(std::move(j->buf));
-      }
-    }
-    if (failure.ok()) {
-      l.unlock();
-      if (sync_lsn != 0) {
-        Status s = jnl->SyncTo(sync_lsn);
-        if (!s.ok()) {
-          l.lock();
-          if (cfg_.protection == ProtectionLevel::kSnapshot) return s;
-          InvalidateAllLocked(l, InvalidCause::kStorageIOError, s.message());
-        }
-      }
-      return Status::Ok();
-    }
-    if (cfg_.protection == ProtectionLevel::kSnapshot)
-      return failure.Annotate("origin write refused to protect snapshots");
-    if (cause == InvalidCause::kStorageFull && state_.valid_count() > 1 && attempt < 64) {
-      // Disk full: drop the oldest snapshot and try again (copies that
-      // succeeded are kept; the retry copies only what is still needed).
-      RemoveSnapshotLocked(l, state_.oldest_valid()).IgnoreError();  // failure invalidates all
-      retry = true;
-    } else {
-      InvalidateAllLocked(l, cause, failure.message());
-    }
-    if (!retry) return Status::Ok();
+    Status s = FinishCopies(&plan, &retry, attempt);
+    if (!retry) return s;
   }
 }
 

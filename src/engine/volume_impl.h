@@ -11,12 +11,16 @@
 //   Snap::read_mu  shared by a snapshot read (after its stripe); exclusive by
 //               whoever frees that snapshot's slots (rule 8).
 //   meta_mu_    State and journal appends (journal order == memory order).
+//   gate_ and stripes_ are RwLocks: an asynchronous write takes them on the
+//   caller's thread and the I/O thread releases them.
 // Threads: callers' threads do reads, writes and origin I/O. Copies of old
 // chunks: when shadow storage shares the origin's filesystem (a stall of one
-// is a stall of the other), the writer writes them itself; otherwise a few
-// copier threads write them to the data file and group-commit journal
-// records for persistent ranges, and writers wait for them at most
-// copy_timeout_ms, so a hung shadow storage cannot hang the origin.
+// is a stall of the other), the writer writes them itself, or for WriteAsync
+// the I/O thread reads the old chunks (io_uring) and finishes the write;
+// otherwise a few copier threads write them to the data file and
+// group-commit journal records for persistent ranges, and writers wait for
+// them at most copy_timeout_ms, so a hung shadow storage cannot hang the
+// origin. docs/architecture.md, "Threading model", has the whole picture.
 #pragma once
 
 #include <array>
@@ -27,6 +31,7 @@
 #include <shared_mutex>
 #include <thread>
 
+#include "base/rwlock.h"
 #include "engine/change_map.h"
 #include "engine/chunk_map.h"
 #include "engine/journal.h"
@@ -79,6 +84,33 @@ struct CopyJob {
   std::shared_ptr<CopyWait> wait;  // set by Submit
 };
 
+// The copies one write needs, planned under meta_mu_ (PlanCopies) and
+// accounted for once written (FinishCopies).
+struct CopyPlan {
+  std::vector<std::shared_ptr<CopyJob>> jobs;
+  uint64_t sync_lsn = 0;
+  std::shared_ptr<Journal> jnl;
+};
+
+// A write waiting for the I/O thread (volume.cc, "asynchronous writes").
+struct AsyncWrite {
+  struct ReadOp {
+    AsyncWrite* op;
+    CopyJob* job;
+    uint64_t off;
+    uint32_t len;
+  };
+  uint64_t off = 0;
+  uint64_t c0 = 0, c1 = 0;
+  std::vector<std::byte> data;  // a copy of the caller's buffer
+  Volume::WriteDone done;
+  std::vector<size_t> idx;  // stripes held exclusively, sorted
+  CopyPlan plan;
+  std::vector<ReadOp> reads;  // one per job
+  size_t pending = 0;         // reads in flight
+  Status read_status;
+};
+
 class VolumeImpl final : public Volume {
  public:
   // copy_inline: shadow storage is on the origin's filesystem; writers
@@ -96,6 +128,8 @@ class VolumeImpl final : public Volume {
   uint64_t size() const override { return size_; }
   Status Read(uint64_t off, std::span<std::byte> buf) override;
   Status Write(uint64_t off, std::span<const std::byte> buf, bool fua) override;
+  void WriteAsync(uint64_t off, std::span<const std::byte> buf, bool fua,
+                  WriteDone done) override;
   Status Discard(uint64_t off, uint64_t len) override;
   Status WriteZeroes(uint64_t off, uint64_t len) override;
   Status Flush() override;
@@ -116,7 +150,7 @@ class VolumeImpl final : public Volume {
   Status Close() override;
 
   // Snapshot sets (snapshot_set.cc).
-  std::shared_mutex& gate() { return gate_; }
+  RwLock& gate() { return gate_; }
   std::mutex& admin_mu() { return admin_mu_; }
   Status PrepareInstant(bool persistent);   // origin sync before the gate
   // With gate_ held exclusively: adds the snapshot, appends its record.
@@ -128,7 +162,7 @@ class VolumeImpl final : public Volume {
 
  private:
   uint64_t ChunkOf(uint64_t off) const { return off >> shift_; }
-  std::shared_mutex& Stripe(uint64_t c) { return stripes_[c % stripes_.size()]; }
+  RwLock& Stripe(uint64_t c) { return stripes_[c % stripes_.size()]; }
   Record ConfigRecord() const;
   Result<std::shared_ptr<Journal>> NewJournal(uint64_t gen, uint64_t first_lsn);
   CheckpointHeader Header(uint64_t gen, uint64_t next_lsn) const;
@@ -144,6 +178,23 @@ class VolumeImpl final : public Volume {
 
   // Copy-on-write for chunks [c0, c1] (stripes held exclusively).
   Status PreserveChunks(uint64_t c0, uint64_t c1);
+  // Its steps: plan (slots, zero copies), buffers, accounting afterwards.
+  // FinishCopies sets *retry when a full store dropped a snapshot and the
+  // plan must be made again.
+  Status PlanCopies(uint64_t c0, uint64_t c1, CopyPlan* plan);
+  void GetCopyBuffers(CopyPlan* plan);
+  // Where a job's old chunks are on the origin: offset and length (the last
+  // chunk of the volume may be short).
+  std::pair<uint64_t, uint64_t> OldChunkRange(const CopyJob& j) const;
+  void FreePlanSlots(CopyPlan* plan);
+  Status FinishCopies(CopyPlan* plan, bool* retry, int attempt);
+  // Asynchronous writes (copy_inline_ only; volume.cc explains): the I/O
+  // thread reads old chunks through its io_uring (or ReadAt when the origin
+  // has no descriptor), then finishes each write and calls its `done`.
+  void IoMain();
+  void FinishAsync(AsyncWrite* op);
+  std::unique_ptr<AsyncWrite> GetAsyncOp();
+  void PutAsyncOp(std::unique_ptr<AsyncWrite> op);
   // Makes room for `n` more slots; may delete or invalidate snapshots.
   // meta_mu_ held via `l`, may be released and re-taken.
   Status ReserveSlots(std::unique_lock<std::mutex>& l, uint64_t n);
@@ -190,8 +241,8 @@ class VolumeImpl final : public Volume {
   const std::vector<std::byte> zeros_;  // one chunk of zeros (partial discards)
 
   std::mutex admin_mu_;
-  std::shared_mutex gate_;
-  std::array<std::shared_mutex, 1024> stripes_;
+  RwLock gate_;  // released by the I/O thread for asynchronous writes
+  std::array<RwLock, 1024> stripes_;
   std::mutex meta_mu_;
   State state_;
   std::shared_ptr<Journal> journal_;
@@ -212,6 +263,17 @@ class VolumeImpl final : public Volume {
   std::deque<std::shared_ptr<CopyJob>> queue_;
   bool stop_ = false;
   std::vector<std::thread> copiers_;
+
+  // Asynchronous writes: queued for the I/O thread, which sleeps in its ring
+  // (or on io_efd_) and is woken through io_efd_.
+  bool async_ = false;
+  int io_efd_ = -1;
+  std::mutex aq_mu_;
+  std::vector<AsyncWrite*> aq_;                        // guarded by aq_mu_
+  std::vector<std::unique_ptr<AsyncWrite>> op_pool_;   // guarded by aq_mu_
+  bool io_sleeping_ = false;                           // guarded by aq_mu_
+  bool io_stop_ = false;                               // guarded by aq_mu_
+  std::thread io_thread_;
 };
 
 }  // namespace umbra::engine

@@ -71,6 +71,7 @@ class PosixFile final : public File {
  public:
   PosixFile(UniqueFd fd, std::string path, bool is_block)
       : fd_(std::move(fd)), path_(std::move(path)), is_block_(is_block) {}
+  int fd() const override { return fd_.get(); }
 
   Status ReadAt(uint64_t off, std::span<std::byte> buf) override {
     size_t done = 0;

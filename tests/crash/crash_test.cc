@@ -96,7 +96,9 @@ class CrashRun {
       uint64_t off = rng_.Uniform(0, size_ - len);
       Bytes b = RandomBytes(rng_, len);
       Touch(off, len);
-      if (!vol_->Write(off, b, rng_.Bernoulli(0.05)).ok()) return Stop();
+      bool fua = rng_.Bernoulli(0.05);
+      Status s = rng_.Bernoulli(0.5) ? WriteAndWait(*vol_, off, b, fua) : vol_->Write(off, b, fua);
+      if (!s.ok()) return Stop();
       std::memcpy(live_.data() + off, b.data(), len);
     } else if (r < 55) {
       uint64_t len = std::min<uint64_t>(rng_.Uniform(1, 4 * chunk_), size_);

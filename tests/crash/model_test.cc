@@ -76,7 +76,9 @@ class ModelRun {
       if (off + len > size_) off = size_ - len;
       Bytes b = RandomBytes(rng_, len);
       Trace("v" + std::to_string(vi) + " write " + std::to_string(off) + "+" + std::to_string(len));
-      Status s = v.Write(off, b, rng_.Bernoulli(0.05));
+      bool fua = rng_.Bernoulli(0.05);
+      // Half the writes go through WriteAsync (the I/O thread finishes them).
+      Status s = rng_.Bernoulli(0.5) ? WriteAndWait(v, off, b, fua) : v.Write(off, b, fua);
       ASSERT_TRUE(s.ok()) << Where() << ": " << s.ToString();
       m.Write(off, b);
       CheckCopyOnce(vi);

@@ -16,11 +16,19 @@ namespace {
 constexpr uint32_t kChunk = 4096;
 constexpr uint64_t kSize = 64 * kChunk;
 
-// Every case runs twice: shadow storage on the origin's filesystem (writers
-// copy inline) and on a filesystem of its own (copier threads, bounded wait).
-class FaultTest : public ::testing::TestWithParam<bool> {
+// Every case runs three times: shadow storage on the origin's filesystem
+// (writers copy inline), the same with every write through WriteAsync (the
+// I/O thread reads the old chunks and finishes the writes), and shadow
+// storage on a filesystem of its own (copier threads, bounded wait).
+enum class Placement { kOriginFs, kOriginFsAsync, kOwnFs };
+
+class FaultTest : public ::testing::TestWithParam<Placement> {
  protected:
-  static bool OwnFilesystem() { return GetParam(); }
+  static bool OwnFilesystem() { return GetParam() == Placement::kOwnFs; }
+  static Status VolWrite(Volume& v, uint64_t off, std::span<const std::byte> b) {
+    if (GetParam() == Placement::kOriginFsAsync) return WriteAndWait(v, off, b);
+    return v.Write(off, b);
+  }
   void Open(MaxSize max = MaxSize::Unbounded(),
             ProtectionLevel prot = ProtectionLevel::kVolume, uint32_t timeout_ms = 1000) {
     if (OwnFilesystem()) mem_.SetSeparateFilesystem("/shadow");
@@ -37,7 +45,7 @@ class FaultTest : public ::testing::TestWithParam<bool> {
     Write(0, RandomBytes(rng_, kSize));
   }
   void Write(uint64_t off, const Bytes& b) {
-    Status s = vol_->Write(off, b);
+    Status s = VolWrite(*vol_, off, b);
     ASSERT_TRUE(s.ok()) << "origin write failed: " << s.ToString();
     std::memcpy(live_.data() + off, b.data(), b.size());
   }
@@ -116,7 +124,7 @@ TEST_P(FaultTest, ProtectionLevelSnapshotFailsTheWriteInstead) {
   std::string s1 = Snap();
   Write(0, RandomBytes(rng_, 4 * kChunk));
   Bytes b = RandomBytes(rng_, kChunk);
-  Status s = vol_->Write(10 * kChunk, b);
+  Status s = VolWrite(*vol_, 10 * kChunk, b);
   EXPECT_EQ(s.code(), Code::kNoSpace) << s.ToString();
   EXPECT_NE(s.message().find("full"), std::string::npos);
   EXPECT_TRUE(Info(s1).valid);
@@ -234,8 +242,32 @@ TEST_P(FaultTest, OriginErrorsAreReported) {
   r.ops = FaultEnv::Mask(FaultEnv::Op::kWrite);
   fault_.AddRule(r);
   Bytes b(100);
-  Status s = vol_->Write(0, b);
+  Status s = VolWrite(*vol_, 0, b);
   EXPECT_EQ(s.code(), Code::kIOError);
+}
+
+// Reading the old chunk fails: the write fails and changes nothing, the
+// snapshot stays valid and exact, and the next write copies the chunk.
+TEST_P(FaultTest, OriginReadErrorUnderASnapshotFailsOnlyThatWrite) {
+  Open();
+  std::string s1 = Snap();
+  FaultEnv::Rule r;
+  r.path_substr = "/vol/a.img";
+  r.err = EIO;
+  r.ops = FaultEnv::Mask(FaultEnv::Op::kRead);
+  r.count = 1;
+  int id = fault_.AddRule(r);
+  Status s = VolWrite(*vol_, kChunk + 100, RandomBytes(rng_, 200));
+  EXPECT_EQ(s.code(), Code::kIOError) << s.ToString();
+  EXPECT_NE(s.message().find("preserve"), std::string::npos) << s.ToString();
+  fault_.RemoveRule(id);
+  EXPECT_TRUE(LiveEquals(*vol_, live_));
+  EXPECT_TRUE(Info(s1).valid);
+  EXPECT_EQ(vol_->GetStorageUsage().copies, 0u);
+  Write(kChunk + 100, RandomBytes(rng_, 200));
+  EXPECT_TRUE(LiveEquals(*vol_, live_));
+  EXPECT_TRUE(SnapshotEquals(*vol_, s1, snaps_[s1]));
+  EXPECT_EQ(vol_->GetStorageUsage().copies, 1u);
 }
 
 // Every single shadow storage operation failing in turn: origin writes never
@@ -253,7 +285,7 @@ TEST_P(FaultTest, EachShadowOperationFailingInTurn) {
     cfg.uuid = (*v)->config().uuid;
     Rng rng(n);
     Bytes live = RandomBytes(rng, kSize);
-    ASSERT_TRUE((*v)->Write(0, live).ok());
+    ASSERT_TRUE(VolWrite(**v, 0, live).ok());
     FaultEnv::Rule r;
     r.path_substr = "/shadow/";
     r.err = n % 2 ? EIO : ENOSPC;
@@ -267,7 +299,7 @@ TEST_P(FaultTest, EachShadowOperationFailingInTurn) {
       for (int w = 0; w < 4; ++w) {
         Bytes b = RandomBytes(rng, rng.Uniform(1, 2 * kChunk));
         uint64_t off = rng.Uniform(0, kSize - b.size());
-        Status ws = w == 3 ? (*v)->Discard(off, b.size()) : (*v)->Write(off, b);
+        Status ws = w == 3 ? (*v)->Discard(off, b.size()) : VolWrite(**v, off, b);
         ASSERT_TRUE(ws.ok()) << ws.ToString();
         if (w == 3) {
           std::memset(live.data() + off, 0, b.size());
@@ -298,9 +330,16 @@ TEST_P(FaultTest, EachShadowOperationFailingInTurn) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(Shadow, FaultTest, ::testing::Bool(),
-                         [](const ::testing::TestParamInfo<bool>& p) {
-                           return p.param ? "OnOwnFilesystem" : "OnOriginFilesystem";
+INSTANTIATE_TEST_SUITE_P(Shadow, FaultTest,
+                         ::testing::Values(Placement::kOriginFs, Placement::kOriginFsAsync,
+                                           Placement::kOwnFs),
+                         [](const ::testing::TestParamInfo<Placement>& p) {
+                           switch (p.param) {
+                             case Placement::kOriginFs: return "OnOriginFilesystem";
+                             case Placement::kOriginFsAsync: return "OnOriginFilesystemAsync";
+                             case Placement::kOwnFs: break;
+                           }
+                           return "OnOwnFilesystem";
                          });
 
 // A real volume whose shadow storage stalls for 1.5 s on its first data write

@@ -9,6 +9,8 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <cstring>
 #include <filesystem>
 #include <optional>
@@ -19,6 +21,7 @@
 
 #include "base/checksum.h"
 #include "base/random.h"
+#include "base/rwlock.h"
 #include "base/units.h"
 #include "io/fault_env.h"
 #include "io/mem_env.h"
@@ -213,6 +216,39 @@ TEST(UnitsTest, FormatBytes) {
     s.erase(s.find(' '), 1);
     EXPECT_EQ(ParseSize(s).value(), v) << s;
   }
+}
+
+// RwLock: readers share, a writer excludes everyone, a waiting writer keeps
+// new readers out, and a hold may be released by another thread.
+TEST(RwLockTest, ExclusionAndReleaseFromAnotherThread) {
+  RwLock l;
+  l.lock_shared();
+  l.lock_shared();  // readers share
+  std::atomic<int> stage{0};
+  std::thread w([&] {
+    l.lock();  // waits for both readers
+    stage.store(1);
+  });
+  std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  EXPECT_EQ(stage.load(), 0) << "a writer got in while readers held the lock";
+  std::atomic<bool> reader_in{false};
+  std::thread r([&] {
+    l.lock_shared();  // a writer waits: this reader waits behind it
+    reader_in.store(true);
+    l.unlock_shared();
+  });
+  std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  EXPECT_FALSE(reader_in.load()) << "a reader overtook a waiting writer";
+  std::thread([&] { l.unlock_shared(); }).join();  // released by another thread
+  l.unlock_shared();
+  w.join();
+  EXPECT_EQ(stage.load(), 1);
+  EXPECT_FALSE(reader_in.load()) << "a reader got in while the writer held the lock";
+  std::thread([&] { l.unlock(); }).join();  // the writer's hold, released elsewhere
+  r.join();
+  EXPECT_TRUE(reader_in.load());
+  l.lock();  // free again
+  l.unlock();
 }
 
 // -------------------------------------------------------------- PosixEnv --
