@@ -25,6 +25,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <shared_mutex>
 #include <span>
@@ -45,6 +46,13 @@ class BlockDevice {
 
   virtual Status Read(uint64_t off, std::span<std::byte> buf) = 0;
   virtual Status Write(uint64_t off, std::span<const std::byte> buf, bool fua) = 0;
+  // Write, finished later: `done` is called exactly once with Write's
+  // result, on this thread or another one (Volume::WriteAsync). A front end
+  // replies from `done`; a completed write is one whose `done` was called.
+  virtual void WriteAsync(uint64_t off, std::span<const std::byte> buf, bool fua,
+                          std::function<void(Status)> done) {
+    done(Write(off, buf, fua));
+  }
   virtual Status Flush() = 0;
   virtual Status Discard(uint64_t off, uint64_t len) = 0;
   virtual Status WriteZeroes(uint64_t off, uint64_t len) = 0;

@@ -49,6 +49,15 @@ class LiveDevice final : public BlockDevice {
     auto g = ref_.Lock();
     return g.get() ? g.get()->Write(off, buf, fua) : Closed();
   }
+  // The guard is held only until the engine has taken the write: a Volume
+  // finishes its asynchronous writes before it closes, so swapping it out
+  // waits for them.
+  void WriteAsync(uint64_t off, std::span<const std::byte> buf, bool fua,
+                  std::function<void(Status)> done) override {
+    auto g = ref_.Lock();
+    if (!g.get()) return done(Closed());
+    g.get()->WriteAsync(off, buf, fua, std::move(done));
+  }
   Status Flush() override {
     auto g = ref_.Lock();
     return g.get() ? g.get()->Flush() : Closed();

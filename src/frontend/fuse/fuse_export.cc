@@ -21,9 +21,13 @@
 //   read               BlockDevice::Read into a per-thread 4 KiB-aligned
 //                      buffer (allocated once per serving thread), then
 //                      fuse_reply_buf. Clamped at the end: short read / EOF.
-//   write_buf          BlockDevice::Write straight from libfuse's receive
-//                      buffer (no copy, no allocation); only a spliced (fd)
-//                      buffer is first copied into the per-thread buffer.
+//   write_buf          BlockDevice::WriteAsync straight from libfuse's
+//                      receive buffer; only a spliced (fd) buffer is first
+//                      copied into the per-thread buffer. The reply is sent
+//                      from `done`: at once on this thread, or later from the
+//                      engine's I/O thread when the write must preserve old
+//                      chunks (the engine copies the data then), so this
+//                      thread goes back to serve the next request.
 //                      fua = the open/iocb flags carry O_DSYNC (O_SYNC or
 //                      RWF_DSYNC/RWF_SYNC: the kernel folds IOCB_DSYNC into
 //                      the FUSE_WRITE flags). Past the end -> ENOSPC; a write
@@ -639,12 +643,13 @@ void Impl::OnWriteBuf(fuse_req_t req, fuse_ino_t, fuse_bufvec* bufv, off_t off,
     data = tmp;
   }
   const bool fua = (fi->flags & O_DSYNC) != 0;  // O_SYNC includes the O_DSYNC bit
-  Status s = e->dev->Write(uoff, std::span(data, n), fua);
-  if (!s.ok()) {
-    fuse_reply_err(req, s.ToErrno());
-    return;
-  }
-  fuse_reply_write(req, n);
+  e->dev->WriteAsync(uoff, std::span(data, n), fua, [req, n](Status s) {
+    if (!s.ok()) {
+      fuse_reply_err(req, s.ToErrno());
+    } else {
+      fuse_reply_write(req, n);
+    }
+  });
 }
 
 void Impl::OnFlush(fuse_req_t req, fuse_ino_t, fuse_file_info*) {
