@@ -12,6 +12,7 @@
 #include "engine/volume_impl.h"
 
 #include <liburing.h>
+#include <pthread.h>
 #include <sys/eventfd.h>
 #include <sys/prctl.h>
 #include <unistd.h>
@@ -68,8 +69,12 @@ constexpr uint64_t kDirectAlign = 4096;
 constexpr uint64_t kRotateBytes = 64ull << 20;
 constexpr int kCopiers = 2;
 constexpr unsigned kRingEntries = 256;  // old-chunk reads in one submission
-constexpr size_t kAsyncPoolMax = 256;   // spare AsyncWrite objects kept
-constexpr size_t kAsyncMaxBytes = 16 << 20;  // larger: Write (no copy of their data)
+constexpr size_t kAsyncPoolMax = 128;   // spare AsyncWrite objects kept
+// Larger writes go through Write on the caller's thread: the I/O thread
+// finishes its writes one after the other, and a 1 MiB copy is long enough to
+// hold up everyone else's (firstseq1m lost a third; docs/benchmarks.md),
+// while one blocking read per 1 MiB costs little.
+constexpr size_t kAsyncMaxBytes = 128 << 10;
 // Most chunks one copier pass takes from the queue.
 constexpr size_t kCopierBatchItems = 256;
 
@@ -532,6 +537,7 @@ std::unique_ptr<AsyncWrite> VolumeImpl::GetAsyncOp() {
 }
 
 void VolumeImpl::PutAsyncOp(std::unique_ptr<AsyncWrite> op) {
+  // The data buffer (at most kAsyncMaxBytes) is kept for the next write.
   op->done = nullptr;
   op->plan = CopyPlan{};
   op->reads.clear();
@@ -629,6 +635,7 @@ void VolumeImpl::FinishAsync(AsyncWrite* op) {
 
 void VolumeImpl::IoMain() {
   MarkIoFlusherThread();
+  ::pthread_setname_np(::pthread_self(), "umbra-io");
   // The ring belongs to this thread alone: completions are reaped here, so
   // DEFER_TASKRUN (run completion work only when this thread asks) applies.
   io_uring ring;
