@@ -611,26 +611,37 @@ void VolumeImpl::WriteAsync(uint64_t off, std::span<const std::byte> buf, bool f
   if (wake) ::eventfd_write(io_efd_, 1);
 }
 
-void VolumeImpl::FinishAsync(AsyncWrite* op) {
-  Status s = op->read_status;
-  if (!s.ok()) {
-    FreePlanSlots(&op->plan);
-    s = s.Annotate("reading the origin to preserve it");
-  } else {
-    WriteCopies(op->plan.jobs);
-    for (auto& j : op->plan.jobs) j->state.store(1);
-    bool retry = false;
-    s = FinishCopies(&op->plan, &retry, 0);
-    // A full store dropped a snapshot: copy what is still needed the
-    // synchronous way (we hold the stripes).
-    if (s.ok() && retry) s = PreserveChunks(op->c0, op->c1);
-    if (s.ok()) s = OriginWrite(op->off, op->data);
+void VolumeImpl::FinishAsync(std::span<AsyncWrite* const> ops, std::vector<Reply>* replies) {
+  // The copies of every write whose reads succeeded, in one pass: one
+  // journal append under meta_mu_ and, for persistent snapshots, one sync.
+  thread_local std::vector<std::shared_ptr<CopyJob>> jobs;
+  jobs.clear();
+  for (AsyncWrite* op : ops)
+    if (op->read_status.ok())
+      jobs.insert(jobs.end(), op->plan.jobs.begin(), op->plan.jobs.end());
+  if (!jobs.empty()) {
+    WriteCopies(jobs);
+    for (auto& j : jobs) j->state.store(1);
+    jobs.clear();
   }
-  for (auto it = op->idx.rbegin(); it != op->idx.rend(); ++it) stripes_[*it].unlock();
-  gate_.unlock_shared();
-  WriteDone done = std::move(op->done);
-  PutAsyncOp(std::unique_ptr<AsyncWrite>(op));
-  done(std::move(s));
+  for (AsyncWrite* op : ops) {
+    Status s = op->read_status;
+    if (!s.ok()) {
+      FreePlanSlots(&op->plan);
+      s = s.Annotate("reading the origin to preserve it");
+    } else {
+      bool retry = false;
+      s = FinishCopies(&op->plan, &retry, 0);
+      // A full store dropped a snapshot: copy what is still needed the
+      // synchronous way (we hold the stripes).
+      if (s.ok() && retry) s = PreserveChunks(op->c0, op->c1);
+      if (s.ok()) s = OriginWrite(op->off, op->data);
+    }
+    for (auto it = op->idx.rbegin(); it != op->idx.rend(); ++it) stripes_[*it].unlock();
+    gate_.unlock_shared();
+    replies->push_back({std::move(op->done), std::move(s)});
+    PutAsyncOp(std::unique_ptr<AsyncWrite>(op));
+  }
 }
 
 void VolumeImpl::IoMain() {
@@ -646,15 +657,24 @@ void VolumeImpl::IoMain() {
   if (!have_ring && origin_->fd() >= 0)  // kernels before 6.1
     have_ring = io_uring_queue_init(kRingEntries, &ring, 0) == 0;
   uint64_t wake_count = 0;
-  auto arm_wake = [&] {  // completes when a serving thread writes the eventfd
+  auto next_sqe = [&] {
     io_uring_sqe* sqe = io_uring_get_sqe(&ring);
-    if (sqe == nullptr) std::abort();  // called with the submission queue empty
+    if (sqe == nullptr) {  // full: pass what we have to the kernel
+      io_uring_submit(&ring);
+      sqe = io_uring_get_sqe(&ring);
+      if (sqe == nullptr) std::abort();  // the kernel took none of 256 entries
+    }
+    return sqe;
+  };
+  auto arm_wake = [&] {  // completes when a serving thread writes the eventfd
+    io_uring_sqe* sqe = next_sqe();
     io_uring_prep_read(sqe, io_efd_, &wake_count, sizeof wake_count, 0);
     io_uring_sqe_set_data(sqe, nullptr);
   };
   if (have_ring) arm_wake();
   size_t inflight = 0;
   std::vector<AsyncWrite*> batch, completed;
+  std::vector<Reply> replies;
   for (;;) {
     batch.clear();
     bool idle;
@@ -666,12 +686,13 @@ void VolumeImpl::IoMain() {
       io_sleeping_ = idle;
     }
     if (!have_ring) {  // in-memory origin or no io_uring: read here, one by one
-      for (AsyncWrite* op : batch) {
+      for (AsyncWrite* op : batch)
         for (auto& r : op->reads)
           if (op->read_status.ok())
             op->read_status = origin_->ReadAt(r.off, std::span(r.job->buf.get(), r.len));
-        FinishAsync(op);
-      }
+      FinishAsync(batch, &replies);
+      for (Reply& r : replies) r.done(std::move(r.status));
+      replies.clear();
       if (idle) {
         eventfd_t v;
         ::eventfd_read(io_efd_, &v);
@@ -680,12 +701,7 @@ void VolumeImpl::IoMain() {
     }
     for (AsyncWrite* op : batch) {
       for (auto& r : op->reads) {
-        io_uring_sqe* sqe = io_uring_get_sqe(&ring);
-        if (sqe == nullptr) {  // full: pass what we have to the kernel
-          io_uring_submit(&ring);
-          sqe = io_uring_get_sqe(&ring);
-          if (sqe == nullptr) std::abort();
-        }
+        io_uring_sqe* sqe = next_sqe();
         io_uring_prep_read(sqe, origin_->fd(), r.job->buf.get(), r.len, r.off);
         io_uring_sqe_set_data(sqe, &r);
         ++op->pending;
@@ -720,10 +736,12 @@ void VolumeImpl::IoMain() {
       if (--op->pending == 0) completed.push_back(op);
     }
     io_uring_cq_advance(&ring, seen);
-    for (AsyncWrite* op : completed) {
-      FinishAsync(op);
-      --inflight;
-    }
+    // Every write of this pass is done before the first reply goes out: a
+    // reply wakes the kernel side, which then takes the CPU from this thread.
+    FinishAsync(completed, &replies);
+    inflight -= completed.size();
+    for (Reply& r : replies) r.done(std::move(r.status));
+    replies.clear();
   }
   if (have_ring) io_uring_queue_exit(&ring);
 }

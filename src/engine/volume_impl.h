@@ -192,7 +192,14 @@ class VolumeImpl final : public Volume {
   // thread reads old chunks through its io_uring (or ReadAt when the origin
   // has no descriptor), then finishes each write and calls its `done`.
   void IoMain();
-  void FinishAsync(AsyncWrite* op);
+  // Finishes writes whose reads are done: copies, records, origin writes,
+  // locks released; their `done` calls go to `replies`, for the caller to
+  // make once the whole pass is finished.
+  struct Reply {
+    WriteDone done;
+    Status status;
+  };
+  void FinishAsync(std::span<AsyncWrite* const> ops, std::vector<Reply>* replies);
   std::unique_ptr<AsyncWrite> GetAsyncOp();
   void PutAsyncOp(std::unique_ptr<AsyncWrite> op);
   // Makes room for `n` more slots; may delete or invalidate snapshots.
