@@ -204,6 +204,8 @@ class Impl final : public FuseExport {
   struct timespec mounted_at_ {};
   fuse_session* se_ = nullptr;
   std::thread loop_;
+  // Writes given to BlockDevice::WriteAsync and not replied to yet.
+  std::atomic<uint32_t> writes_in_flight_{0};
   int loop_result_ = 0;
   bool mounted_ = false;
   unsigned long conn_id_ = 0;  // name of the connection in /sys/fs/fuse/connections
@@ -364,6 +366,10 @@ Status Impl::Unmount() {
   // The kernel has torn the connection down (or will when the last user
   // closes it): the workers' reads return ENODEV and the loop ends.
   if (loop_.joinable()) loop_.join();
+  // Writes the engine finishes on its own thread reply through the session:
+  // wait for them before it goes (replies to a dead connection just fail).
+  for (uint32_t v; (v = writes_in_flight_.load(std::memory_order_acquire)) != 0;)
+    writes_in_flight_.wait(v);
   fuse_session_unmount(se_);  // closes /dev/fuse; no umount left to do
   fuse_session_destroy(se_);
   se_ = nullptr;
@@ -643,12 +649,17 @@ void Impl::OnWriteBuf(fuse_req_t req, fuse_ino_t, fuse_bufvec* bufv, off_t off,
     data = tmp;
   }
   const bool fua = (fi->flags & O_DSYNC) != 0;  // O_SYNC includes the O_DSYNC bit
+  // Two words of capture: std::function keeps them without allocating.
+  Self(req)->writes_in_flight_.fetch_add(1, std::memory_order_relaxed);
   e->dev->WriteAsync(uoff, std::span(data, n), fua, [req, n](Status s) {
+    Impl* self = Self(req);  // req is gone once replied to
     if (!s.ok()) {
       fuse_reply_err(req, s.ToErrno());
     } else {
       fuse_reply_write(req, n);
     }
+    if (self->writes_in_flight_.fetch_sub(1, std::memory_order_release) == 1)
+      self->writes_in_flight_.notify_all();
   });
 }
 
