@@ -656,7 +656,6 @@ void VolumeImpl::IoMain() {
                                                                    &params) == 0;
   if (!have_ring && origin_->fd() >= 0)  // kernels before 6.1
     have_ring = io_uring_queue_init(kRingEntries, &ring, 0) == 0;
-  uint64_t wake_count = 0;
   auto next_sqe = [&] {
     io_uring_sqe* sqe = io_uring_get_sqe(&ring);
     if (sqe == nullptr) {  // full: pass what we have to the kernel
@@ -668,7 +667,7 @@ void VolumeImpl::IoMain() {
   };
   auto arm_wake = [&] {  // completes when a serving thread writes the eventfd
     io_uring_sqe* sqe = next_sqe();
-    io_uring_prep_read(sqe, io_efd_, &wake_count, sizeof wake_count, 0);
+    io_uring_prep_read(sqe, io_efd_, &io_wake_count_, sizeof io_wake_count_, 0);
     io_uring_sqe_set_data(sqe, nullptr);
   };
   if (have_ring) arm_wake();

@@ -281,6 +281,9 @@ class VolumeImpl final : public Volume {
   bool io_sleeping_ = false;                           // guarded by aq_mu_
   bool io_stop_ = false;                               // guarded by aq_mu_
   std::thread io_thread_;
+  // Target of the I/O thread's eventfd read: a member, not a local, so a read
+  // the kernel completes while the ring is torn down has somewhere to go.
+  uint64_t io_wake_count_ = 0;
 };
 
 }  // namespace umbra::engine
