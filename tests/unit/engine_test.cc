@@ -628,19 +628,27 @@ void ConcurrentAsyncFirstWrites(Env* env, const VolumeConfig& cfg, uint64_t size
   EXPECT_EQ((*v)->GetStorageUsage().copies, size / cfg.chunk_size);
 }
 
-TEST(AsyncWriteTest, ConcurrentFirstWritesOnRealFiles) {
-  test_util::TempDir dir("umbra-engine-test");
-  ASSERT_FALSE(dir.path().empty());
-  const uint64_t size = 4 << 20;
-  const std::string origin = (std::filesystem::path(dir.path()) / "vol.img").string();
-  {
-    auto f = DefaultEnv()->Open(origin, OpenMode::kCreate);
-    ASSERT_TRUE(f.ok() && (*f)->Truncate(size).ok());
-  }
+// A volume on real files in `dir`: a zero-filled origin of `size` bytes and
+// shadow storage beside it, 16 KiB chunks. origin_path is empty on failure.
+VolumeConfig RealFileVolumeConfig(const test_util::TempDir& dir, uint64_t size) {
   VolumeConfig c;
+  EXPECT_FALSE(dir.path().empty());
+  if (dir.path().empty()) return c;
+  const std::string origin = (std::filesystem::path(dir.path()) / "vol.img").string();
+  auto f = DefaultEnv()->Open(origin, OpenMode::kCreate);
+  EXPECT_TRUE(f.ok() && (*f)->Truncate(size).ok());
+  if (!f.ok()) return c;
   c.origin_path = origin;
   c.shadow_dir = (std::filesystem::path(dir.path()) / "shadow").string();
   c.chunk_size = 16384;
+  return c;
+}
+
+TEST(AsyncWriteTest, ConcurrentFirstWritesOnRealFiles) {
+  test_util::TempDir dir("umbra-engine-test");
+  const uint64_t size = 4 << 20;
+  VolumeConfig c = RealFileVolumeConfig(dir, size);
+  ASSERT_FALSE(c.origin_path.empty());
   ConcurrentAsyncFirstWrites(DefaultEnv(), c, size);
 }
 
@@ -656,17 +664,9 @@ TEST(AsyncWriteTest, ConcurrentFirstWritesInMemory) {
 // reopens exact.
 TEST(AsyncWriteTest, DestroyFinishesWritesInFlight) {
   test_util::TempDir dir("umbra-engine-test");
-  ASSERT_FALSE(dir.path().empty());
   const uint64_t size = 1 << 20;
-  const std::string origin = (std::filesystem::path(dir.path()) / "vol.img").string();
-  {
-    auto f = DefaultEnv()->Open(origin, OpenMode::kCreate);
-    ASSERT_TRUE(f.ok() && (*f)->Truncate(size).ok());
-  }
-  VolumeConfig c;
-  c.origin_path = origin;
-  c.shadow_dir = (std::filesystem::path(dir.path()) / "shadow").string();
-  c.chunk_size = 16384;
+  VolumeConfig c = RealFileVolumeConfig(dir, size);
+  ASSERT_FALSE(c.origin_path.empty());
   Rng rng(7);
   Bytes base = RandomBytes(rng, size);
   Bytes live = base;
