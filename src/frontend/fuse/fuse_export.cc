@@ -15,9 +15,10 @@
 //                      has no allow_other, so the kernel already refuses other
 //                      users; default_permissions makes the kernel apply the
 //                      mode). A write open of a read-only device -> EROFS.
-//                      Replies FOPEN_DIRECT_IO (fi->direct_io): no page cache
-//                      in umbrad, and O_DIRECT opens work (losetup
-//                      --direct-io=on uses them). O_TRUNC/size changes -> EPERM.
+//                      Replies FOPEN_DIRECT_IO: no page cache in umbrad, and
+//                      O_DIRECT opens work (losetup --direct-io=on uses
+//                      them); FOPEN_PARALLEL_DIRECT_WRITES (ReplyOpen).
+//                      O_TRUNC/size changes -> EPERM.
 //   read               BlockDevice::Read into a per-thread 4 KiB-aligned
 //                      buffer (allocated once per serving thread), then
 //                      fuse_reply_buf. Clamped at the end: short read / EOF.
@@ -42,18 +43,17 @@
 //                      (or PUNCH_HOLE when unmapping is allowed).
 //   errors             Status::ToErrno().
 //
-// Threading: Mount() starts one session thread that calls
-// fuse_session_loop_mt; libfuse starts worker threads from it on demand, up
-// to Options::max_threads (default 32, with max_background 128 so that the
-// kernel does not cap the loop driver's queue at its default of 12), and (idle limit = max) never destroys them, so
-// there is no thread churn on the I/O path. The session thread sets
-// PR_SET_IO_FLUSHER before the workers exist (the flag is inherited by
-// threads it creates), and every serving thread also sets it on its first
-// request; a kernel or capability that refuses it is logged once. I/O
+// Threading: Mount() starts Options::max_threads serving threads (default
+// 32, with max_background 128 so that the kernel does not cap the loop
+// driver's queue at its default of 12); each reads /dev/fuse and handles
+// what it read (Serve), and none is started or stopped while mounted, so
+// there is no thread churn and no shared bookkeeping on the I/O path. Every
+// serving thread sets PR_SET_IO_FLUSHER before its first read; a kernel or
+// capability that refuses it is logged once. I/O
 // handlers take no lock: the file handle points at the export entry, which
 // Remove() will not drop while it is open. Add/Remove/lookup share one mutex.
 // Unmount: umount2(dir) -> the kernel aborts the connection, the workers'
-// reads return ENODEV and the loop returns; with files still open it detaches
+// reads return ENODEV and they end; with files still open it detaches
 // lazily (MNT_DETACH) and aborts the connection through fusectl, so no mount
 // outlives the object.
 //
@@ -66,10 +66,12 @@
 #include <fcntl.h>
 #include <fuse_lowlevel.h>
 #include <linux/falloc.h>
+#include <linux/fuse.h>
 #include <sys/mount.h>
 #include <sys/prctl.h>
 #include <sys/stat.h>
 #include <sys/statvfs.h>
+#include <sys/uio.h>
 #include <sys/sysmacros.h>
 #include <time.h>
 #include <unistd.h>
@@ -142,6 +144,21 @@ std::byte* ScratchBuffer(size_t n) {
   return buf.Get(n);
 }
 
+// Replies to OPEN with FOPEN_DIRECT_IO (no page cache in umbrad, O_DIRECT
+// opens work), FOPEN_NOFLUSH (close() needs no FUSE_FLUSH round trip) and
+// FOPEN_PARALLEL_DIRECT_WRITES: without it the kernel takes the FUSE file's
+// inode lock exclusively around every direct write it forwards, so the loop
+// driver's writes to one device are submitted one at a time. libfuse 3.14's
+// fuse_file_info has no bit for that flag, so the reply is built here from
+// the kernel's struct fuse_open_out (<linux/fuse.h>) and sent as raw payload.
+int ReplyOpen(fuse_req_t req, uint64_t fh) {
+  fuse_open_out out{};
+  out.fh = fh;
+  out.open_flags = FOPEN_DIRECT_IO | FOPEN_NOFLUSH | FOPEN_PARALLEL_DIRECT_WRITES;
+  iovec iov{&out, sizeof(out)};
+  return fuse_reply_iov(req, &iov, 1);
+}
+
 struct Entry {
   std::string name;
   fuse_ino_t ino = 0;
@@ -198,15 +215,15 @@ class Impl final : public FuseExport {
   static void OnFallocate(fuse_req_t req, fuse_ino_t ino, int mode, off_t off, off_t len,
                           fuse_file_info* fi);
   static void OnStatfs(fuse_req_t req, fuse_ino_t ino);
+  void Serve();
 
   const std::string dir_;
   const Options opts_;
   struct timespec mounted_at_ {};
   fuse_session* se_ = nullptr;
-  std::thread loop_;
+  std::vector<std::thread> workers_;  // serving threads (Serve)
   // Writes given to BlockDevice::WriteAsync and not replied to yet.
   std::atomic<uint32_t> writes_in_flight_{0};
-  int loop_result_ = 0;
   bool mounted_ = false;
   unsigned long conn_id_ = 0;  // name of the connection in /sys/fs/fuse/connections
   std::mutex admin_mu_;        // serialises Unmount
@@ -260,14 +277,8 @@ Status Impl::Start() {
   }
   mounted_ = true;
 
-  loop_ = std::thread([this] {
-    MarkIoFlusher();  // inherited by the workers libfuse creates from here
-    fuse_loop_config* cfg = fuse_loop_cfg_create();
-    fuse_loop_cfg_set_max_threads(cfg, std::max(1u, opts_.max_threads));
-    fuse_loop_cfg_set_idle_threads(cfg, std::max(1u, opts_.max_threads));
-    loop_result_ = fuse_session_loop_mt(se_, cfg);
-    fuse_loop_cfg_destroy(cfg);
-  });
+  for (unsigned i = 0; i < std::max(1u, opts_.max_threads); ++i)
+    workers_.emplace_back([this] { Serve(); });
 
   // Served by the workers: proves the mount answers, and names the connection.
   struct stat mst;
@@ -365,7 +376,8 @@ Status Impl::Unmount() {
   }
   // The kernel has torn the connection down (or will when the last user
   // closes it): the workers' reads return ENODEV and the loop ends.
-  if (loop_.joinable()) loop_.join();
+  for (auto& t : workers_) t.join();
+  workers_.clear();
   // Writes the engine finishes on its own thread reply through the session:
   // wait for them before it goes (replies to a dead connection just fail).
   for (uint32_t v; (v = writes_in_flight_.load(std::memory_order_acquire)) != 0;)
@@ -374,6 +386,29 @@ Status Impl::Unmount() {
   fuse_session_destroy(se_);
   se_ = nullptr;
   return result;
+}
+
+// One serving thread: reads a request from /dev/fuse into its own buffer
+// (allocated by libfuse on the first read, kept until the thread ends) and
+// handles it, until the connection goes away. All threads read the same
+// descriptor; the kernel hands each request to one of them. This is
+// fuse_session_loop_mt without its per-request bookkeeping (a mutex shared
+// by all workers, taken twice per request, to count idle threads and start
+// new ones): the threads here are started once and never change.
+void Impl::Serve() {
+  MarkIoFlusher();
+  fuse_buf buf{};
+  while (!fuse_session_exited(se_)) {
+    int n = fuse_session_receive_buf(se_, &buf);
+    if (n == -EINTR || n == -EAGAIN) continue;
+    if (n < 0) {
+      Log(std::string("reading /dev/fuse: ") + std::strerror(-n) + "; serving thread stops");
+      break;
+    }
+    if (n == 0) break;  // unmounted or aborted: libfuse marked the session exited
+    fuse_session_process_buf(se_, &buf);
+  }
+  std::free(buf.mem);
 }
 
 // ---- request handlers (serving threads) ------------------------------------
@@ -552,11 +587,7 @@ void Impl::OnOpen(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
     }
     ++entry->opens;
   }
-  fi->fh = reinterpret_cast<uintptr_t>(entry);
-  fi->direct_io = 1;  // FOPEN_DIRECT_IO: no page cache, O_DIRECT works
-  fi->keep_cache = 0;
-  fi->noflush = 1;  // close() needs no FUSE_FLUSH round trip
-  if (fuse_reply_open(req, fi) != 0) {
+  if (ReplyOpen(req, reinterpret_cast<uintptr_t>(entry)) != 0) {
     // The opener went away (interrupted): the kernel will send no RELEASE.
     std::lock_guard l(self->mu_);
     --entry->opens;

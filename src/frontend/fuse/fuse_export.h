@@ -17,8 +17,7 @@ namespace umbra {
 class FuseExport {
  public:
   struct Options {
-    // Upper bound on serving threads (libfuse creates them as needed and,
-    // with this setting, never destroys them).
+    // Serving threads, all started by Mount and kept until Unmount.
     // 32: the loop driver keeps up to its queue depth of direct I/Os in
     // flight, and a thread blocked in a disk write serves nothing else.
     unsigned max_threads = 32;
