@@ -75,6 +75,7 @@ constexpr size_t kAsyncPoolMax = 128;   // spare AsyncWrite objects kept
 // hold up everyone else's (firstseq1m lost a third; docs/benchmarks.md),
 // while one blocking read per 1 MiB costs little.
 constexpr size_t kAsyncMaxBytes = 128 << 10;
+constexpr uint64_t kDirectCopyReadMin = 256 << 10;
 // Most chunks one copier pass takes from the queue.
 constexpr size_t kCopierBatchItems = 256;
 
@@ -113,7 +114,7 @@ VolumeImpl::VolumeImpl(Env* env, VolumeConfig cfg, Uuid uuid, uint64_t size,
       data_(std::move(data)),
       copy_inline_(copy_inline),
       pool_(cfg_.chunk_size),
-      run_pool_(std::max<size_t>(cfg_.chunk_size, 1 << 20)),
+      run_pool_((size_t{1} << 20) + cfg_.chunk_size),
       zeros_(cfg_.chunk_size),
       state_((size + cfg_.chunk_size - 1) / cfg_.chunk_size, cfg_.chunk_size) {
   copy_timeout_ms_.store(cfg_.copy_timeout_ms);
@@ -343,6 +344,11 @@ Result<std::unique_ptr<VolumeImpl>> Construct(Env* env, VolumeConfig& cfg, bool 
   UMBRA_ASSIGN_OR_RETURN(bool same_fs, env->SameFilesystem(cfg.shadow_dir, cfg.origin_path));
   auto v = std::make_unique<VolumeImpl>(env, cfg, uuid, size, std::move(origin), std::move(data),
                                         same_fs);
+  if (!cfg.direct_io && size % kDirectAlign == 0) {
+    // Old contents of long runs are read past the page cache (PreserveChunks).
+    auto direct = env->Open(cfg.origin_path, OpenMode::kReadOnly, true);
+    if (direct.ok()) v->SetOriginDirect(std::move(direct).value());
+  }
   if (fresh && !create) {
     UMBRA_RETURN_IF_ERROR(v->InitNew());
     env->Remove(cfg.shadow_dir + "/" + kCheckpointFailedName).IgnoreError();
@@ -899,7 +905,9 @@ Status VolumeImpl::PreserveChunks(uint64_t c0, uint64_t c1) {
     Status rs;
     for (auto& j : plan.jobs) {
       auto [cstart, len] = OldChunkRange(*j);
-      if (rs.ok()) rs = origin_->ReadAt(cstart, std::span(j->buf.get(), len));
+      File* from = origin_.get();
+      if (origin_direct_ && len >= kDirectCopyReadMin && Aligned(len)) from = origin_direct_.get();
+      if (rs.ok()) rs = from->ReadAt(cstart, std::span(j->buf.get(), len));
     }
     if (!rs.ok()) {
       FreePlanSlots(&plan);

@@ -121,6 +121,7 @@ class VolumeImpl final : public Volume {
 
   // Create: writes the initial checkpoint + journal. Open: recovery.
   Status InitNew();
+  void SetOriginDirect(std::unique_ptr<File> f) { origin_direct_ = std::move(f); }
   Status Recover();
   bool ready() const { return ready_; }
 
@@ -241,6 +242,7 @@ class VolumeImpl final : public Volume {
   uint64_t size_;
   uint32_t shift_;
   std::unique_ptr<File> origin_;
+  std::unique_ptr<File> origin_direct_;  // O_DIRECT, for reading long runs to copy
   std::unique_ptr<File> data_;
   const bool copy_inline_;
   BufferPool pool_;      // one chunk

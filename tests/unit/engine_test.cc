@@ -448,6 +448,7 @@ TEST(EnginePosixTest, FileBackedVolumeRoundTrip) {
   EXPECT_TRUE(SnapshotEquals(**v, id, base));
 }
 
+
 }  // namespace
 }  // namespace umbra::testing
 
@@ -696,6 +697,43 @@ TEST(AsyncWriteTest, DestroyFinishesWritesInFlight) {
   ASSERT_TRUE(v.ok()) << v.status().ToString();
   EXPECT_TRUE(LiveEquals(**v, live));
   EXPECT_TRUE(SnapshotEquals(**v, id, base));
+}
+
+// Long first writes read the old chunks with O_DIRECT (past the page cache).
+// The origin's latest contents are still dirty in the page cache here (no
+// sync since they were written, and an auto-release snapshot does not sync
+// the origin), so a direct read that did not see them would preserve the
+// zeros on disk instead: the snapshot must still read the old contents.
+TEST(CopyReadTest, LongFirstWritesPreserveContentsStillInThePageCache) {
+  test_util::TempDir dir("umbra-engine-test");
+  const uint64_t size = 8 << 20;
+  VolumeConfig c = RealFileVolumeConfig(dir, size);
+  ASSERT_FALSE(c.origin_path.empty());
+  auto v = Volume::Create(DefaultEnv(), c);
+  ASSERT_TRUE(v.ok()) << v.status().ToString();
+  Rng rng(11);
+  Bytes base = RandomBytes(rng, size);
+  ASSERT_TRUE((*v)->Write(0, base).ok());
+  auto a = (*v)->CreateSnapshot({false, "a", ""});
+  ASSERT_TRUE(a.ok()) << a.status().ToString();
+  Bytes live = base;
+  auto write = [&](uint64_t off, size_t len) {
+    Bytes b = RandomBytes(rng, len);
+    std::memcpy(live.data() + off, b.data(), len);
+    Status s = (*v)->Write(off, b);
+    EXPECT_TRUE(s.ok()) << s.ToString();
+  };
+  write(3 * 16384 + 4096, (1 << 20) + 8192);  // 66 chunks, unaligned at both ends
+  write(2 << 20, 1 << 20);                     // 64 chunks, aligned
+  write((4 << 20) + 512, 300 << 10);           // a 20-chunk run
+  write(size - (512 << 10), 512 << 10);        // the last chunks of the volume
+  Bytes after_a = live;
+  auto b = (*v)->CreateSnapshot({false, "b", ""});
+  ASSERT_TRUE(b.ok()) << b.status().ToString();
+  write(1 << 20, 3 << 20);  // copied and uncopied chunks for a, all new for b
+  EXPECT_TRUE(SnapshotEquals(**v, a->id, base));
+  EXPECT_TRUE(SnapshotEquals(**v, b->id, after_a));
+  EXPECT_TRUE(LiveEquals(**v, live));
 }
 
 }  // namespace
