@@ -75,7 +75,7 @@ constexpr size_t kAsyncPoolMax = 128;   // spare AsyncWrite objects kept
 // hold up everyone else's (firstseq1m lost a third; docs/benchmarks.md),
 // while one blocking read per 1 MiB costs little.
 constexpr size_t kAsyncMaxBytes = 128 << 10;
-constexpr uint64_t kDirectCopyReadMin = 256 << 10;
+constexpr uint64_t kDirectRunMin = 256 << 10;
 // Most chunks one copier pass takes from the queue.
 constexpr size_t kCopierBatchItems = 256;
 
@@ -344,11 +344,14 @@ Result<std::unique_ptr<VolumeImpl>> Construct(Env* env, VolumeConfig& cfg, bool 
   UMBRA_ASSIGN_OR_RETURN(bool same_fs, env->SameFilesystem(cfg.shadow_dir, cfg.origin_path));
   auto v = std::make_unique<VolumeImpl>(env, cfg, uuid, size, std::move(origin), std::move(data),
                                         same_fs);
+  // Long runs of chunks to copy bypass the page cache: their old contents are
+  // read (PreserveChunks) and written to the data file (WriteCopies) with O_DIRECT.
   if (!cfg.direct_io && size % kDirectAlign == 0) {
-    // Old contents of long runs are read past the page cache (PreserveChunks).
     auto direct = env->Open(cfg.origin_path, OpenMode::kReadOnly, true);
     if (direct.ok()) v->SetOriginDirect(std::move(direct).value());
   }
+  auto data_direct = env->Open(cfg.shadow_dir + "/" + kDataName, OpenMode::kReadWrite, true);
+  if (data_direct.ok()) v->SetDataDirect(std::move(data_direct).value());
   if (fresh && !create) {
     UMBRA_RETURN_IF_ERROR(v->InitNew());
     env->Remove(cfg.shadow_dir + "/" + kCheckpointFailedName).IgnoreError();
@@ -906,7 +909,7 @@ Status VolumeImpl::PreserveChunks(uint64_t c0, uint64_t c1) {
     for (auto& j : plan.jobs) {
       auto [cstart, len] = OldChunkRange(*j);
       File* from = origin_.get();
-      if (origin_direct_ && len >= kDirectCopyReadMin && Aligned(len)) from = origin_direct_.get();
+      if (origin_direct_ && len >= kDirectRunMin && Aligned(len)) from = origin_direct_.get();
       if (rs.ok()) rs = from->ReadAt(cstart, std::span(j->buf.get(), len));
     }
     if (!rs.ok()) {
@@ -1154,9 +1157,10 @@ void VolumeImpl::WriteCopies(std::span<const std::shared_ptr<CopyJob>> jobs) {
     for (size_t i = 0; i < items.size() && j->status.ok();) {
       size_t k = i + 1;
       while (k < items.size() && items[k].slot == items[k - 1].slot + 1) ++k;
-      j->status = data_->WriteAt(items[i].slot * uint64_t{cfg_.chunk_size},
-                                 std::span<const std::byte>(j->buf.get() + i * cfg_.chunk_size,
-                                                            (k - i) * cfg_.chunk_size));
+      const uint64_t len = (k - i) * uint64_t{cfg_.chunk_size};
+      File* to = data_direct_ && len >= kDirectRunMin ? data_direct_.get() : data_.get();
+      j->status = to->WriteAt(items[i].slot * uint64_t{cfg_.chunk_size},
+                              std::span<const std::byte>(j->buf.get() + i * cfg_.chunk_size, len));
       i = k;
     }
   }

@@ -122,6 +122,7 @@ class VolumeImpl final : public Volume {
   // Create: writes the initial checkpoint + journal. Open: recovery.
   Status InitNew();
   void SetOriginDirect(std::unique_ptr<File> f) { origin_direct_ = std::move(f); }
+  void SetDataDirect(std::unique_ptr<File> f) { data_direct_ = std::move(f); }
   Status Recover();
   bool ready() const { return ready_; }
 
@@ -244,6 +245,7 @@ class VolumeImpl final : public Volume {
   std::unique_ptr<File> origin_;
   std::unique_ptr<File> origin_direct_;  // O_DIRECT, for reading long runs to copy
   std::unique_ptr<File> data_;
+  std::unique_ptr<File> data_direct_;  // the same file with O_DIRECT, for long runs
   const bool copy_inline_;
   BufferPool pool_;      // one chunk
   BufferPool run_pool_;  // runs of chunks up to 1 MiB

@@ -699,11 +699,13 @@ TEST(AsyncWriteTest, DestroyFinishesWritesInFlight) {
   EXPECT_TRUE(SnapshotEquals(**v, id, base));
 }
 
-// Long first writes read the old chunks with O_DIRECT (past the page cache).
-// The origin's latest contents are still dirty in the page cache here (no
-// sync since they were written, and an auto-release snapshot does not sync
-// the origin), so a direct read that did not see them would preserve the
-// zeros on disk instead: the snapshot must still read the old contents.
+// Long first writes read the old chunks with O_DIRECT (past the page cache)
+// and write them to shadow storage the same way. The origin's latest
+// contents are still dirty in the page cache here (no sync since they were
+// written, and a non-persistent snapshot does not sync the origin), so a
+// direct read that did not see them would preserve the zeros on disk
+// instead: the snapshots must still read the old contents, also after the
+// volume is reopened (the persistent one).
 TEST(CopyReadTest, LongFirstWritesPreserveContentsStillInThePageCache) {
   test_util::TempDir dir("umbra-engine-test");
   const uint64_t size = 8 << 20;
@@ -728,12 +730,18 @@ TEST(CopyReadTest, LongFirstWritesPreserveContentsStillInThePageCache) {
   write((4 << 20) + 512, 300 << 10);           // a 20-chunk run
   write(size - (512 << 10), 512 << 10);        // the last chunks of the volume
   Bytes after_a = live;
-  auto b = (*v)->CreateSnapshot({false, "b", ""});
+  auto b = (*v)->CreateSnapshot({true, "b", ""});
   ASSERT_TRUE(b.ok()) << b.status().ToString();
   write(1 << 20, 3 << 20);  // copied and uncopied chunks for a, all new for b
   EXPECT_TRUE(SnapshotEquals(**v, a->id, base));
   EXPECT_TRUE(SnapshotEquals(**v, b->id, after_a));
   EXPECT_TRUE(LiveEquals(**v, live));
+  c.uuid = (*v)->config().uuid;
+  v->reset();
+  auto r = Volume::Open(DefaultEnv(), c);
+  ASSERT_TRUE(r.ok()) << r.status().ToString();
+  EXPECT_TRUE(SnapshotEquals(**r, b->id, after_a));
+  EXPECT_TRUE(LiveEquals(**r, live));
 }
 
 }  // namespace
