@@ -375,7 +375,7 @@ Status Impl::Unmount() {
     }
   }
   // The kernel has torn the connection down (or will when the last user
-  // closes it): the workers' reads return ENODEV and the loop ends.
+  // closes it): the serving threads' reads return ENODEV and they end.
   for (auto& t : workers_) t.join();
   workers_.clear();
   // Writes the engine finishes on its own thread reply through the session:
