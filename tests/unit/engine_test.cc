@@ -448,7 +448,6 @@ TEST(EnginePosixTest, FileBackedVolumeRoundTrip) {
   EXPECT_TRUE(SnapshotEquals(**v, id, base));
 }
 
-
 }  // namespace
 }  // namespace umbra::testing
 
@@ -725,9 +724,9 @@ TEST(CopyReadTest, LongFirstWritesPreserveContentsStillInThePageCache) {
     Status s = (*v)->Write(off, b);
     EXPECT_TRUE(s.ok()) << s.ToString();
   };
-  write(3 * 16384 + 4096, (1 << 20) + 8192);  // 66 chunks, unaligned at both ends
+  write(3 * 16384 + 4096, (1 << 20) + 8192);  // 65 chunks, unaligned at both ends
   write(2 << 20, 1 << 20);                     // 64 chunks, aligned
-  write((4 << 20) + 512, 300 << 10);           // a 20-chunk run
+  write((4 << 20) + 512, 300 << 10);           // a 19-chunk run
   write(size - (512 << 10), 512 << 10);        // the last chunks of the volume
   Bytes after_a = live;
   auto b = (*v)->CreateSnapshot({true, "b", ""});
