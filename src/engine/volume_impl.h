@@ -248,7 +248,7 @@ class VolumeImpl final : public Volume {
   std::unique_ptr<File> data_direct_;  // the same file with O_DIRECT, for long runs
   const bool copy_inline_;
   BufferPool pool_;      // one chunk
-  BufferPool run_pool_;  // runs of chunks up to 1 MiB
+  BufferPool run_pool_;  // runs of chunks up to 1 MiB + one chunk (1 MiB unaligned)
   const std::vector<std::byte> zeros_;  // one chunk of zeros (partial discards)
 
   std::mutex admin_mu_;

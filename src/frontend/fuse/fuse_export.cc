@@ -98,13 +98,11 @@ constexpr size_t kInitialBuffer = 1 << 20;  // libfuse's default max_write/max_r
 
 void Log(const std::string& msg) { std::fprintf(stderr, "umbra: fuse: %s\n", msg.c_str()); }
 
-// Marks the calling thread as an I/O flusher once (PF_MEMALLOC_NOIO |
+// Marks the calling thread as an I/O flusher (PF_MEMALLOC_NOIO |
 // PF_LOCAL_THROTTLE): its allocations cannot recurse into I/O on the device
-// it serves, and it is not throttled for dirty pages it is cleaning.
+// it serves, and it is not throttled for dirty pages it is cleaning. Each
+// serving thread calls it once, before its first read (Serve).
 void MarkIoFlusher() {
-  thread_local bool done = false;
-  if (done) return;
-  done = true;
   if (::prctl(PR_SET_IO_FLUSHER, 1, 0, 0, 0) != 0) {
     static std::atomic<bool> logged{false};
     if (!logged.exchange(true)) {
@@ -442,7 +440,6 @@ std::shared_ptr<Entry> Impl::FindIno(fuse_ino_t ino) {
 }
 
 void Impl::OnInit(void* userdata, fuse_conn_info* conn) {
-  MarkIoFlusher();
   const Options& opts = static_cast<Impl*>(userdata)->opts_;
   // Direct I/O from the loop driver arrives as async requests in parallel.
   if (conn->capable & FUSE_CAP_ASYNC_DIO) conn->want |= FUSE_CAP_ASYNC_DIO;
@@ -558,7 +555,6 @@ void Impl::OnReaddir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, fus
 }
 
 void Impl::OnOpen(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
-  MarkIoFlusher();
   Impl* self = Self(req);
   if (ino == FUSE_ROOT_ID) {
     fuse_reply_err(req, EISDIR);
@@ -607,7 +603,6 @@ void Impl::OnRelease(fuse_req_t req, fuse_ino_t, fuse_file_info* fi) {
 }
 
 void Impl::OnRead(fuse_req_t req, fuse_ino_t, size_t size, off_t off, fuse_file_info* fi) {
-  MarkIoFlusher();
   Entry* e = EntryOf(fi);
   if (off < 0) {
     fuse_reply_err(req, EINVAL);
@@ -634,7 +629,6 @@ void Impl::OnRead(fuse_req_t req, fuse_ino_t, size_t size, off_t off, fuse_file_
 
 void Impl::OnWriteBuf(fuse_req_t req, fuse_ino_t, fuse_bufvec* bufv, off_t off,
                       fuse_file_info* fi) {
-  MarkIoFlusher();
   Entry* e = EntryOf(fi);
   if (e->read_only) {
     fuse_reply_err(req, EROFS);
@@ -700,14 +694,12 @@ void Impl::OnFlush(fuse_req_t req, fuse_ino_t, fuse_file_info*) {
 }
 
 void Impl::OnFsync(fuse_req_t req, fuse_ino_t, int, fuse_file_info* fi) {
-  MarkIoFlusher();
   Status s = EntryOf(fi)->dev->Flush();
   fuse_reply_err(req, s.ok() ? 0 : s.ToErrno());
 }
 
 void Impl::OnFallocate(fuse_req_t req, fuse_ino_t, int mode, off_t off, off_t len,
                        fuse_file_info* fi) {
-  MarkIoFlusher();
   Entry* e = EntryOf(fi);
   constexpr int kPunch = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE;
   constexpr int kZero = FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE;
