@@ -9,13 +9,16 @@
 #   WORKLOADS="randwrite4k seqwrite1m" SNAPS="0 1" bench/fs_bench.sh   (a subset)
 #   ORIGIN_CACHE=direct bench/fs_bench.sh   (umbrad's origin_cache; default writeback)
 #   REPEAT=3 bench/fs_bench.sh   (rounds; default 1)
+#   BARE=1 bench/fs_bench.sh   (adds FUSE-BARE: umbra-bare-fuse, the FUSE path's ceiling)
 #
 # Workloads (fio --direct=1 --ioengine=libaio on a 1 GiB file f1, as in the
 # peers' harness): randwrite4k, seqwrite1m, randread4k (time based), first4k
 # (one 4 KiB write at offset 0 of each 64 KiB of f1, shuffled: every write
 # hits a never-copied chunk under a snapshot) and firstseq1m (one pass).
 # Configs: RAW (plain loop), UMBRA-0/1/16 (no, one, sixteen snapshots taken
-# right before each job). Both filesystems stay mounted and every workload
+# right before each job), and with BARE=1 FUSE-BARE (bench/bare_fuse.cc: a bare
+# libfuse3 server passing reads and writes to a file, behind the same loop
+# device with direct I/O and ext4: what FUSE alone costs). Both filesystems stay mounted and every workload
 # runs RAW, then each UMBRA-n, back to back, REPEAT rounds: a ratio is taken
 # within one round (the VM's speed drifts by tens of percent over minutes)
 # and the summary gives the median per config and workload. Reports IOPS,
@@ -30,8 +33,10 @@ PEERS=${PEERS:-0}
 WORKLOADS=${WORKLOADS:-randwrite4k seqwrite1m randread4k first4k firstseq1m}
 SNAPS=${SNAPS:-0 1 16}
 REPEAT=${REPEAT:-1}
+BARE=${BARE:-0}
 ORIGIN_CACHE=${ORIGIN_CACHE:-writeback}
 bin=${UMBRA_BIN:-build/release/src}
+bare_bin=${UMBRA_BARE_BIN:-build/release/bench/umbra-bare-fuse}
 [[ $(id -u) -eq 0 ]] || { echo "fs_bench: needs root" >&2; exit 1; }
 command -v fio >/dev/null || { echo "fs_bench: fio missing (scripts/setup.sh installs it)" >&2; exit 1; }
 mkdir -p "$OUT"
@@ -39,9 +44,12 @@ work=$(mktemp -d /var/tmp/umbra-fs-bench.XXXXXX)
 export UMBRA_SOCKET=$work/umbrad.sock
 mnt=$work/mnt
 rawmnt=$work/rawmnt
-mkdir -p "$mnt" "$rawmnt"
+baremnt=$work/baremnt
+mkdir -p "$mnt" "$rawmnt" "$baremnt" "$work/bare"
 daemon_pid=""
 rawloop=""
+bare_pid=""
+bareloop=""
 results=$OUT/results.tsv
 echo -e "round\tconfig\tworkload\tiops\tmbs\tclat_us\tumbrad_cpu_s_per_gib\tumbrad_cs_per_io" >"$results"
 
@@ -50,6 +58,10 @@ cleanup() {
   mountpoint -q "$mnt" && umount "$mnt"
   mountpoint -q "$rawmnt" && umount "$rawmnt"
   [[ -n $rawloop ]] && losetup -d "$rawloop"
+  mountpoint -q "$baremnt" && umount "$baremnt"
+  [[ -n $bareloop ]] && losetup -d "$bareloop"
+  mountpoint -q "$work/bare" && umount "$work/bare"
+  [[ -n $bare_pid ]] && kill "$bare_pid" 2>/dev/null && wait "$bare_pid" 2>/dev/null
   if [[ -n $daemon_pid ]]; then
     kill -TERM "$daemon_pid"
     for _ in $(seq 100); do kill -0 "$daemon_pid" 2>/dev/null || break; sleep 0.1; done
@@ -102,6 +114,7 @@ note_rss() {
 run_job() {  # round config workload
   local round=$1 cfg=$2 wl=$3 args dir=$mnt
   [[ $cfg == RAW ]] && dir=$rawmnt
+  [[ $cfg == FUSE-BARE ]] && dir=$baremnt
   local common="--name=$wl --directory=$dir --filename=f1 --direct=1 --ioengine=libaio --numjobs=1 --group_reporting --output-format=json"
   case $wl in
     randwrite4k) args="--rw=randwrite --bs=4k --iodepth=32 --size=1G --time_based --runtime=$RUNTIME" ;;
@@ -147,6 +160,7 @@ layout() {  # DIR: write every block of f1 once
 
 make_iolog "$rawmnt"
 make_iolog "$mnt"
+make_iolog "$baremnt"
 
 log "RAW: loop device over a plain file (the ceiling of this path)"
 truncate -s "$SIZE" "$work/raw.img"
@@ -154,6 +168,19 @@ rawloop=$(losetup -f --show --direct-io=on "$work/raw.img")
 mkfs.ext4 -q -E lazy_itable_init=0,lazy_journal_init=0 "$rawloop"
 mount "$rawloop" "$rawmnt"
 layout "$rawmnt"
+
+if [[ $BARE == 1 ]]; then
+  [[ -x $bare_bin ]] || { echo "fs_bench: $bare_bin missing (build the bench targets)" >&2; exit 1; }
+  log "FUSE-BARE: umbra-bare-fuse (pread/pwrite to a file), loop device with direct I/O over it"
+  truncate -s "$SIZE" "$work/bare.img"
+  "$bare_bin" "$work/bare.img" "$work/bare" -f 2>"$work/bare.log" &
+  bare_pid=$!
+  for _ in $(seq 100); do [[ -e $work/bare/disk ]] && break; sleep 0.1; done
+  bareloop=$(losetup -f --show --direct-io=on "$work/bare/disk")
+  mkfs.ext4 -q -E lazy_itable_init=0,lazy_journal_init=0 "$bareloop"
+  mount "$bareloop" "$baremnt"
+  layout "$baremnt"
+fi
 
 log "UMBRA: umbrad (origin_cache $ORIGIN_CACHE), volume attached as a loop device over its FUSE file"
 echo "origin_cache = \"$ORIGIN_CACHE\"" >"$work/umbrad.toml"
@@ -172,6 +199,7 @@ layout "$mnt"
 for round in $(seq "$REPEAT"); do
   for wl in $WORKLOADS; do
     run_job "$round" RAW "$wl"
+    [[ $BARE == 1 ]] && run_job "$round" FUSE-BARE "$wl"
     for n in $SNAPS; do
       "$bin/umbra" snapshot delete --all v >/dev/null
       for _ in $(seq "$n"); do
@@ -191,6 +219,11 @@ note_rss
 umount "$rawmnt"
 losetup -d "$rawloop"
 rawloop=""
+if [[ $BARE == 1 ]]; then
+  umount "$baremnt"
+  losetup -d "$bareloop"
+  bareloop=""
+fi
 
 python3 - "$results" "$peak_rss" <<'EOF' | tee "$OUT/summary.md"
 import csv, statistics, sys
