@@ -18,8 +18,9 @@
 # Configs: RAW (plain loop), UMBRA-0/1/16 (no, one, sixteen snapshots taken
 # right before each job), and with BARE=1 FUSE-BARE (bench/bare_fuse.cc: a bare
 # libfuse3 server passing reads and writes to a file, behind the same loop
-# device with direct I/O and ext4: what FUSE alone costs). Both filesystems stay mounted and every workload
-# runs RAW, then each UMBRA-n, back to back, REPEAT rounds: a ratio is taken
+# device with direct I/O and ext4: what FUSE alone costs). All filesystems
+# stay mounted and every workload runs RAW (then FUSE-BARE), then each
+# UMBRA-n, back to back, REPEAT rounds: a ratio is taken
 # within one round (the VM's speed drifts by tens of percent over minutes)
 # and the summary gives the median per config and workload. Reports IOPS,
 # MB/s, ratio to RAW, umbrad CPU seconds per GiB written, umbrad context
