@@ -248,6 +248,23 @@ for (cfg, wl), rs in cells.items():
         statistics.median(ratios) if ratios else float("nan"),
         " ".join("%.2f" % x for x in ratios), med(rs, "umbrad_cpu_s_per_gib"),
         med(rs, "umbrad_cs_per_io")))
+# The bars of issue 3 that compare Umbra with itself, per round: one snapshot
+# against none, and sixteen against one.
+iops = {(r["round"], r["config"], r["workload"]): float(r["iops"]) for r in rows}
+pairs = [("UMBRA-1", "UMBRA-0"), ("UMBRA-16", "UMBRA-1")]
+lines = []
+for wl in dict.fromkeys(r["workload"] for r in rows):
+    for num, den in pairs:
+        rs = sorted({r for (r, c, w) in iops if w == wl and c == num and (r, den, wl) in iops})
+        if not rs:
+            continue
+        ratios = [iops[(r, num, wl)] / iops[(r, den, wl)] for r in rs if iops[(r, den, wl)] > 0]
+        if ratios:
+            lines.append("| %s | %s / %s | %.2f | %s |" % (wl, num, den, statistics.median(ratios),
+                         " ".join("%.2f" % x for x in ratios)))
+if lines:
+    print("\n| workload | ratio | median | per round |\n|---|---|---|---|")
+    print("\n".join(lines))
 print("\numbrad peak resident memory: %.1f MiB" % (int(sys.argv[2]) / 1024))
 EOF
 
