@@ -171,7 +171,8 @@ mount "$rawloop" "$rawmnt"
 layout "$rawmnt"
 
 if [[ $BARE == 1 ]]; then
-  [[ -x $bare_bin ]] || { echo "fs_bench: $bare_bin missing (build the bench targets)" >&2; exit 1; }
+  [[ -x $bare_bin ]] ||
+    { echo "fs_bench: $bare_bin missing (build the bench targets)" >&2; exit 1; }
   log "FUSE-BARE: umbra-bare-fuse (pread/pwrite to a file), loop device with direct I/O over it"
   truncate -s "$SIZE" "$work/bare.img"
   "$bare_bin" "$work/bare.img" "$work/bare" -f 2>"$work/bare.log" &
