@@ -154,21 +154,18 @@ EOF
   log "$(tail -1 "$results")"
 }
 
-layout() {  # DIR: write every block of f1 once
-  fio --name=layout --directory="$1" --filename=f1 --rw=write --bs=1M --size=1G --direct=1 \
+prepare_fs() {  # DEV DIR: ext4 on DEV mounted at DIR, every block of f1 written once
+  mkfs.ext4 -q -E lazy_itable_init=0,lazy_journal_init=0 "$1"
+  mount "$1" "$2"
+  fio --name=layout --directory="$2" --filename=f1 --rw=write --bs=1M --size=1G --direct=1 \
     --ioengine=libaio --iodepth=8 --output-format=terse >/dev/null
+  make_iolog "$2"
 }
-
-make_iolog "$rawmnt"
-make_iolog "$mnt"
-make_iolog "$baremnt"
 
 log "RAW: loop device over a plain file (the ceiling of this path)"
 truncate -s "$SIZE" "$work/raw.img"
 rawloop=$(losetup -f --show --direct-io=on "$work/raw.img")
-mkfs.ext4 -q -E lazy_itable_init=0,lazy_journal_init=0 "$rawloop"
-mount "$rawloop" "$rawmnt"
-layout "$rawmnt"
+prepare_fs "$rawloop" "$rawmnt"
 
 if [[ $BARE == 1 ]]; then
   [[ -x $bare_bin ]] ||
@@ -179,9 +176,7 @@ if [[ $BARE == 1 ]]; then
   bare_pid=$!
   for _ in $(seq 100); do [[ -e $work/bare/disk ]] && break; sleep 0.1; done
   bareloop=$(losetup -f --show --direct-io=on "$work/bare/disk")
-  mkfs.ext4 -q -E lazy_itable_init=0,lazy_journal_init=0 "$bareloop"
-  mount "$bareloop" "$baremnt"
-  layout "$baremnt"
+  prepare_fs "$bareloop" "$baremnt"
 fi
 
 log "UMBRA: umbrad (origin_cache $ORIGIN_CACHE), volume attached as a loop device over its FUSE file"
@@ -194,9 +189,7 @@ for _ in $(seq 100); do "$bin/umbra" daemon status >/dev/null 2>&1 && break; sle
 mkdir -p "$work/shadow"
 "$bin/umbra" storage add v --on "$work/shadow" --max-size unbounded >/dev/null
 dev=$("$bin/umbra" volume attach v)
-mkfs.ext4 -q -E lazy_itable_init=0,lazy_journal_init=0 "$dev"
-mount "$dev" "$mnt"
-layout "$mnt"
+prepare_fs "$dev" "$mnt"
 
 for round in $(seq "$REPEAT"); do
   for wl in $WORKLOADS; do
@@ -256,10 +249,8 @@ pairs = [("UMBRA-1", "UMBRA-0"), ("UMBRA-16", "UMBRA-1")]
 lines = []
 for wl in dict.fromkeys(r["workload"] for r in rows):
     for num, den in pairs:
-        rs = sorted({r for (r, c, w) in iops if w == wl and c == num and (r, den, wl) in iops})
-        if not rs:
-            continue
-        ratios = [iops[(r, num, wl)] / iops[(r, den, wl)] for r in rs if iops[(r, den, wl)] > 0]
+        rs = sorted({r for (r, c, w) in iops if w == wl and c == num and iops.get((r, den, wl))})
+        ratios = [iops[(r, num, wl)] / iops[(r, den, wl)] for r in rs]
         if ratios:
             lines.append("| %s | %s / %s | %.2f | %s |" % (wl, num, den, statistics.median(ratios),
                          " ".join("%.2f" % x for x in ratios)))
